@@ -1,0 +1,1 @@
+"""Job and node files: their models, loading, validation and live reload."""

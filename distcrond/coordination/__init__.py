@@ -1,0 +1,1 @@
+"""Coordination state shared by the peers: leadership, membership, run records, triggers."""

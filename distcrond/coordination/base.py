@@ -1,0 +1,255 @@
+"""The coordination store: one small interface, one module per backend.
+
+The embedded backend (``sqlite.py``) serves a cluster of one; the ZooKeeper
+backend serves a real cluster. Both pass ``tests/contract/test_coordination.py``.
+
+Promises every backend keeps:
+
+* ``record_runs`` is the run lock and the fence: it writes all of its records
+  and cursors, or nothing; a run id that exists already is never written again
+  (and is left out of the returned list); and it raises :class:`FencedOut`
+  when ``epoch`` is no longer the current leader's, writing nothing.
+* ``claim_run`` is a compare-and-set from ``assigned`` to ``running`` for the
+  assigned peer: of any number of concurrent claims, at most one succeeds.
+* Every write is idempotent: repeating it after a lost reply changes nothing.
+* Watch callbacks run on a thread of the store's and must not block.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from distcrond.runs import RunRecord, RunState
+
+
+class FencedOut(Exception):
+    """A write was refused because its epoch is not the current leader's."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached now (network, session suspended...)."""
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    ok: bool
+    backend: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "backend": self.backend, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a peer publishes about itself while it is alive."""
+
+    peer_id: str
+    api_url: str
+    started_at: datetime
+    version: str
+    roles: tuple[str, ...] = ()
+    config_digest: str = ""
+    pid: int = 0
+    host: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        from distcrond.runs import format_slot
+
+        return {
+            "peer_id": self.peer_id,
+            "api_url": self.api_url,
+            "started_at": format_slot(self.started_at),
+            "version": self.version,
+            "roles": list(self.roles),
+            "config_digest": self.config_digest,
+            "pid": self.pid,
+            "host": self.host,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PeerInfo:
+        from distcrond.runs import parse_slot
+
+        return cls(
+            peer_id=data["peer_id"],
+            api_url=data.get("api_url", ""),
+            started_at=parse_slot(data["started_at"]),
+            version=data.get("version", ""),
+            roles=tuple(data.get("roles", ())),
+            config_digest=data.get("config_digest", ""),
+            pid=int(data.get("pid", 0)),
+            host=data.get("host", ""),
+        )
+
+
+@dataclass(frozen=True)
+class LeaderInfo:
+    peer_id: str
+    epoch: int
+    since: datetime
+
+
+@dataclass(frozen=True)
+class TriggerRequest:
+    """A manual "run now", written by any peer's API and consumed by the leader."""
+
+    run_id: str  # <job>@<slot>, chosen by the API
+    job_id: str
+    slot: datetime
+    requested_at: datetime
+    requested_by: str = ""  # the API's peer id
+
+
+@dataclass(frozen=True)
+class ConfigSnapshot:
+    """The jobs, nodes and file errors a peer has loaded, as JSON-ready dicts."""
+
+    peer_id: str
+    digest: str
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    loaded_at: datetime | None = None
+
+
+class LeadershipListener(Protocol):
+    """Told when this peer gains or loses leadership (on a thread of the store's)."""
+
+    def establish_leadership(self, epoch: int) -> None: ...
+
+    def revoke_leadership(self) -> None: ...
+
+
+class CoordinationStore(ABC):
+    """Shared coordination state. Thread-safe; one instance per process."""
+
+    backend: str = "abstract"
+
+    # -- lifecycle -----------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections and watches; ephemeral state (membership) goes with it."""
+
+    @abstractmethod
+    def status(self) -> StoreStatus:
+        """Whether the store answers now."""
+
+    # -- membership ----------------------------------------------------------
+    @abstractmethod
+    def register_peer(self, peer: PeerInfo) -> None:
+        """Publish (or update) this peer's record; it lives as long as the session."""
+
+    @abstractmethod
+    def unregister_peer(self, peer_id: str) -> None:
+        """Remove a peer's record (clean shutdown)."""
+
+    @abstractmethod
+    def peers(self) -> list[PeerInfo]:
+        """Live peers, sorted by id."""
+
+    # -- leadership ----------------------------------------------------------
+    @abstractmethod
+    def start_election(self, peer_id: str, listener: LeadershipListener) -> None:
+        """Stand for leader; the listener is told when leadership starts and ends."""
+
+    @abstractmethod
+    def stop_election(self) -> None:
+        """Withdraw (abdicate at once if leader, telling the listener)."""
+
+    @abstractmethod
+    def leader(self) -> LeaderInfo | None:
+        """The current leader, if any."""
+
+    # -- run records ---------------------------------------------------------
+    @abstractmethod
+    def record_runs(
+        self,
+        epoch: int,
+        runs: Sequence[RunRecord],
+        cursors: dict[str, datetime] | None = None,
+    ) -> list[RunRecord]:
+        """Atomically create the runs not recorded yet and advance the jobs' cursors.
+
+        Returns the runs that were created. Raises FencedOut when ``epoch`` is stale.
+        """
+
+    @abstractmethod
+    def cursors(self) -> dict[str, datetime]:
+        """The newest slot the scheduler has dealt with, per job."""
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def runs(
+        self,
+        *,
+        job_id: str | None = None,
+        peer_id: str | None = None,
+        states: Iterable[RunState] | None = None,
+    ) -> list[RunRecord]:
+        """Recorded runs (not yet pruned) matching all the filters, oldest slot first."""
+
+    @abstractmethod
+    def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
+        """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
+
+    @abstractmethod
+    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
+        """Change fields of an active run (attempt, reason...); None if it is unknown."""
+
+    @abstractmethod
+    def finish_run(
+        self,
+        run_id: str,
+        state: RunState,
+        *,
+        ended_at: datetime,
+        exit_code: int | None = None,
+        reason: str = "",
+    ) -> RunRecord | None:
+        """Move an active run to a terminal state (idempotent: a finished run stays as it was)."""
+
+    @abstractmethod
+    def request_cancel(self, run_id: str) -> bool:
+        """Ask the executing peer to stop an active run; False when it is not active."""
+
+    @abstractmethod
+    def watch_runs(self, peer_id: str, callback: Callable[[RunRecord], None]) -> None:
+        """Call ``callback`` for runs assigned to ``peer_id`` and for cancel requests on its runs,
+        first for those that exist now, then as they appear."""
+
+    @abstractmethod
+    def prune_runs(self, finished_before: datetime) -> int:
+        """Delete terminal runs that ended before the instant; returns how many."""
+
+    # -- manual triggers -----------------------------------------------------
+    @abstractmethod
+    def request_trigger(self, request: TriggerRequest) -> None:
+        """Queue a manual run (idempotent on its run id)."""
+
+    @abstractmethod
+    def pending_triggers(self) -> list[TriggerRequest]:
+        """Queued manual runs, oldest first."""
+
+    @abstractmethod
+    def remove_trigger(self, run_id: str) -> None:
+        """Drop a consumed trigger (idempotent)."""
+
+    @abstractmethod
+    def watch_triggers(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (no arguments) soon after a trigger is queued."""
+
+    # -- loaded configuration ------------------------------------------------
+    @abstractmethod
+    def publish_config(self, snapshot: ConfigSnapshot) -> None:
+        """Publish what a peer has loaded; the API reads it from here."""
+
+    @abstractmethod
+    def config(self, peer_id: str) -> ConfigSnapshot | None:
+        """The snapshot a peer published last."""

@@ -1,0 +1,1 @@
+"""Running commands on nodes: the runners (local, SSH) and the executor that drives them."""

@@ -1,0 +1,57 @@
+"""The runner interface: run one attempt of a command on one node.
+
+Backends: ``local.py`` (a subprocess on the executing peer's host) and, later,
+``ssh.py`` (paramiko). A runner never raises for a command's failure: a
+missing binary, a bad working directory or a timeout are outcomes.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    run_id: str
+    job_id: str
+    node_id: str
+    peer_id: str
+    slot: datetime
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)  # the job's env plus DISTCRON_*
+    working_dir: str | None = None
+    timeout: timedelta | None = None
+    max_output_bytes: int = 1024 * 1024
+    # Set to stop the attempt early (shutdown, concurrency: replace): like a timeout.
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    ok: bool
+    exit_code: int | None  # None when the command never started or was killed by a signal
+    started_at: datetime
+    ended_at: datetime
+    stdout: str = ""
+    stderr: str = ""
+    output_truncated: bool = False
+    reason: str = ""  # why it failed, for people: "timed out after 30s", "no such file: /bin/x"
+    timed_out: bool = False
+    cancelled: bool = False
+    # True when the failure happened before the command could start (connect, spawn):
+    # such a run may be re-placed on another node.
+    not_started: bool = False
+
+
+class Runner(ABC):
+    connection_type: str = "abstract"
+
+    @abstractmethod
+    def run(self, request: RunRequest) -> RunOutcome:
+        """Run one attempt to its end (blocking) and return what happened."""
+
+    def close(self) -> None:
+        """Release pooled resources (connections)."""

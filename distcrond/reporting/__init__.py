@@ -1,0 +1,1 @@
+"""Run reports: the history of every run with its output."""

@@ -1,0 +1,59 @@
+"""The report store: where finished runs and their output are kept.
+
+The embedded backend (``sqlite.py``) and the Elasticsearch backend both pass
+``tests/contract/test_reports.py``. Promises:
+
+* ``write`` is idempotent on ``run_id``: writing the same report again, or a
+  newer version of it, leaves exactly one report with that id.
+* ``list_runs`` is newest slot first, with keyset pagination: ``next_cursor``
+  fetched with ``cursor`` continues exactly where the page ended, whatever
+  was written in between.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from distcrond.coordination.base import StoreStatus
+from distcrond.runs import RunReport, RunState
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    job_id: str | None = None
+    states: tuple[RunState, ...] = ()
+    node_id: str | None = None
+    since: datetime | None = None  # slot >= since
+    until: datetime | None = None  # slot < until
+    limit: int = 50
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunReport]
+    next_cursor: str | None
+
+
+class ReportStore(ABC):
+    backend: str = "abstract"
+
+    @abstractmethod
+    def write(self, reports: Sequence[RunReport]) -> None:
+        """Store reports (idempotent per run id); durable when it returns."""
+
+    @abstractmethod
+    def get(self, run_id: str) -> RunReport | None: ...
+
+    @abstractmethod
+    def list_runs(self, query: RunQuery) -> RunPage:
+        """Reports matching the query, newest slot first (ties: run id descending)."""
+
+    @abstractmethod
+    def status(self) -> StoreStatus: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
