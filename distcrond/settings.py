@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,37 @@ class Settings:
     @property
     def api_url(self) -> str:
         return f"http://{self.bind}"
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict; passes settings to the API server process."""
+        return {
+            "jobs_dir": str(self.jobs_dir),
+            "nodes_dir": str(self.nodes_dir),
+            "state_dir": str(self.state_dir),
+            "bind": self.bind,
+            "peer_id": self.peer_id,
+            "api_workers": self.api_workers,
+            "log_format": self.log_format,
+            "log_level": self.log_level,
+            "es_urls": list(self.es_urls),
+            "zookeeper": self.zookeeper,
+            "max_concurrent_runs": self.max_concurrent_runs,
+            "run_retention_hours": self.run_retention_hours,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        return cls(
+            jobs_dir=Path(data["jobs_dir"]),
+            nodes_dir=Path(data["nodes_dir"]),
+            state_dir=Path(data["state_dir"]),
+            bind=data["bind"],
+            peer_id=data["peer_id"],
+            api_workers=int(data["api_workers"]),
+            log_format=data.get("log_format", "text"),
+            log_level=data.get("log_level", "INFO"),
+            es_urls=tuple(data.get("es_urls", ())),
+            zookeeper=data.get("zookeeper"),
+            max_concurrent_runs=int(data.get("max_concurrent_runs", 256)),
+            run_retention_hours=float(data.get("run_retention_hours", 24.0)),
+        )
