@@ -53,5 +53,5 @@ class Runner(ABC):
     def run(self, request: RunRequest) -> RunOutcome:
         """Run one attempt to its end (blocking) and return what happened."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most runners hold nothing
         """Release pooled resources (connections)."""

@@ -1,0 +1,283 @@
+"""The executor: runs the runs assigned to this peer, each on its own thread.
+
+It learns of assignments from the coordination store (``watch_runs``), claims
+each with a compare-and-set before starting anything (so a run starts at most
+once, whatever the store replays), runs it through the node's runner with the
+job's retries, writes the report, and then records the terminal state.
+The report is written before the state, so a peer that dies between the two
+finds, on restart, a report that tells the run's real outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from distcrond.clock import Clock
+from distcrond.config.loader import LoadedConfig
+from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.coordination.base import CoordinationStore
+from distcrond.execution.base import Runner, RunOutcome, RunRequest
+from distcrond.reporting.base import ReportStore
+from distcrond.runs import RunRecord, RunReport, RunState, Trigger, format_slot
+
+log = logging.getLogger("distcrond.executor")
+
+
+@dataclass
+class _Flight:
+    record: RunRecord
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+
+
+class Executor:
+    """Runs this peer's assigned runs. ``start()`` once, ``stop()`` once."""
+
+    def __init__(
+        self,
+        coordination: CoordinationStore,
+        reports: ReportStore,
+        runners: Mapping[str, Runner],
+        config: Callable[[], LoadedConfig],
+        peer_id: str,
+        clock: Clock,
+        max_concurrent_runs: int = 256,
+    ) -> None:
+        self._coordination = coordination
+        self._reports = reports
+        self._runners = runners
+        self._config = config
+        self._peer_id = peer_id
+        self._clock = clock
+        self._pool = ThreadPoolExecutor(max_concurrent_runs, thread_name_prefix="run")
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _Flight] = {}
+        self._idle = threading.Condition(self._lock)
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._recover()
+        self._coordination.watch_runs(self._peer_id, self._on_run)
+
+    def stop(self, grace: float) -> None:
+        """Stop taking runs; wait up to ``grace`` seconds for running ones, then cancel them."""
+        with self._lock:
+            self._stopping = True
+            deadline = self._clock.monotonic() + grace
+            while self._inflight and self._clock.monotonic() < deadline:
+                self._idle.wait(min(0.1, max(0.0, deadline - self._clock.monotonic())))
+            for flight in self._inflight.values():
+                flight.cancel_reason = f"interrupted: peer {self._peer_id} is shutting down"
+                flight.cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._inflight)
+
+    # -- assignments -----------------------------------------------------------
+    def _on_run(self, record: RunRecord) -> None:
+        with self._lock:
+            flight = self._inflight.get(record.run_id)
+            if record.cancel_requested:
+                if flight is not None and not flight.cancel.is_set():
+                    flight.cancel_reason = (
+                        "cancelled: replaced by a newer run (concurrency: replace)"
+                    )
+                    flight.cancel.set()
+                return
+            if (
+                flight is not None
+                or self._stopping
+                or record.state is not RunState.ASSIGNED
+                or record.peer_id != self._peer_id
+            ):
+                return
+            flight = self._inflight[record.run_id] = _Flight(record)
+        try:
+            self._pool.submit(self._execute, flight)
+        except RuntimeError:  # the pool is shutting down: the run stays assigned
+            self._done(record.run_id)
+
+    def _done(self, run_id: str) -> None:
+        with self._lock:
+            self._inflight.pop(run_id, None)
+            if not self._inflight:
+                self._idle.notify_all()
+
+    def _execute(self, flight: _Flight) -> None:
+        record = flight.record
+        try:
+            claimed = self._coordination.claim_run(record.run_id, self._peer_id, self._clock.now())
+            if claimed is None:
+                return  # claimed before, finished, or not ours: it never starts twice
+            self._run_claimed(claimed, flight)
+        except Exception:
+            log.exception("run %s: executor error", record.run_id)
+        finally:
+            self._done(record.run_id)
+
+    def _run_claimed(self, record: RunRecord, flight: _Flight) -> None:
+        config = self._config()
+        job = config.jobs.get(record.job_id)
+        node = config.nodes.get(record.node_id or "")
+        if job is None:
+            self._finish_without_running(
+                record, RunState.FAILED, f"job {record.job_id} is no longer defined"
+            )
+            return
+        if node is None:
+            self._finish_without_running(
+                record, RunState.FAILED, f"node {record.node_id} is no longer defined"
+            )
+            return
+        runner = self._runners.get(node.connection_type.value)
+        if runner is None:
+            self._finish_without_running(
+                record,
+                RunState.FAILED,
+                f"no runner for connection_type {node.connection_type.value}",
+            )
+            return
+        late = self._clock.now() - record.slot
+        if record.trigger is not Trigger.MANUAL and late > job.misfire.grace:
+            self._finish_without_running(
+                record, RunState.MISSED, f"not started within the misfire grace ({late} late)"
+            )
+            return
+        outcome, attempts, started_at = self._attempts(record, job, node, runner, flight)
+        state = RunState.SUCCEEDED if outcome.ok else RunState.FAILED
+        reason = (
+            flight.cancel_reason if outcome.cancelled and flight.cancel_reason else outcome.reason
+        )
+        report = RunReport(
+            run_id=record.run_id,
+            job_id=record.job_id,
+            slot=record.slot,
+            state=state,
+            node_id=record.node_id,
+            peer_id=self._peer_id,
+            trigger=record.trigger,
+            attempts=attempts,
+            started_at=started_at,
+            ended_at=outcome.ended_at,
+            exit_code=outcome.exit_code,
+            reason=reason,
+            stdout=outcome.stdout,
+            stderr=outcome.stderr,
+            output_truncated=outcome.output_truncated,
+        )
+        self._reports.write([report])
+        self._coordination.finish_run(
+            record.run_id,
+            state,
+            ended_at=outcome.ended_at,
+            exit_code=outcome.exit_code,
+            reason=reason,
+        )
+        log.info(
+            "run %s on %s: %s%s",
+            record.run_id,
+            record.node_id,
+            state.value,
+            f" ({reason})" if reason else "",
+            extra={"run_id": record.run_id, "state": state.value, "exit_code": outcome.exit_code},
+        )
+
+    def _attempts(
+        self, record: RunRecord, job: JobSpec, node: NodeSpec, runner: Runner, flight: _Flight
+    ) -> tuple[RunOutcome, int, datetime]:
+        """Run the first attempt and the retries the job allows; the last outcome counts."""
+        attempts = 1 + job.retries.count
+        started_at = record.started_at or self._clock.now()
+        attempt = 1
+        while True:
+            outcome = runner.run(self._request(record, job, node, attempt, flight))
+            if outcome.ok or outcome.cancelled or attempt >= attempts:
+                return outcome, attempt, started_at
+            delay = retry_delay(job, attempt)
+            log.info(
+                "run %s: attempt %d failed (%s); retrying in %s",
+                record.run_id,
+                attempt,
+                outcome.reason,
+                delay,
+            )
+            if flight.cancel.wait(delay.total_seconds()):
+                return outcome, attempt, started_at
+            attempt += 1
+            self._coordination.update_run(record.run_id, attempt=attempt)
+
+    def _request(
+        self, record: RunRecord, job: JobSpec, node: NodeSpec, attempt: int, flight: _Flight
+    ) -> RunRequest:
+        env = dict(job.env)
+        env.update(
+            DISTCRON_JOB=job.id,
+            DISTCRON_RUN_ID=record.run_id,
+            DISTCRON_SLOT=format_slot(record.slot),
+            DISTCRON_NODE=node.id,
+            DISTCRON_PEER=self._peer_id,
+            DISTCRON_ATTEMPT=str(attempt),
+            DISTCRON_TRIGGER=record.trigger.value,
+        )
+        return RunRequest(
+            run_id=record.run_id,
+            job_id=job.id,
+            node_id=node.id,
+            peer_id=self._peer_id,
+            slot=record.slot,
+            argv=job.argv,
+            env=env,
+            working_dir=job.working_dir,
+            timeout=job.timeout,
+            max_output_bytes=job.max_output_bytes,
+            cancel=flight.cancel,
+        )
+
+    def _finish_without_running(self, record: RunRecord, state: RunState, reason: str) -> None:
+        now = self._clock.now()
+        report = RunReport.from_record(
+            record, state=state, peer_id=self._peer_id, ended_at=now, reason=reason
+        )
+        self._reports.write([report])
+        self._coordination.finish_run(record.run_id, state, ended_at=now, reason=reason)
+        log.warning("run %s: %s (%s)", record.run_id, state.value, reason)
+
+    # -- recovery --------------------------------------------------------------
+    def _recover(self) -> None:
+        """Settle the runs this peer was running when it last stopped without finishing them."""
+        for record in self._coordination.runs(peer_id=self._peer_id, states=[RunState.RUNNING]):
+            report = self._reports.get(record.run_id)
+            if report is not None and report.state.terminal:
+                # It finished, and was reported, but its state was not recorded.
+                self._coordination.finish_run(
+                    record.run_id,
+                    report.state,
+                    ended_at=report.ended_at or self._clock.now(),
+                    exit_code=report.exit_code,
+                    reason=report.reason,
+                )
+            elif record.at_least_once:
+                log.warning(
+                    "run %s was interrupted; delivery at_least_once: running it again",
+                    record.run_id,
+                )
+                self._coordination.update_run(record.run_id, state=RunState.ASSIGNED)
+            else:
+                self._finish_without_running(
+                    record,
+                    RunState.UNKNOWN,
+                    f"peer {self._peer_id} stopped while the run was in progress; outcome unknown",
+                )
+
+
+def retry_delay(job: JobSpec, attempt: int) -> timedelta:
+    """The wait before attempt ``attempt + 1``: backoff doubled each time, capped."""
+    return min(job.retries.backoff * 2 ** (attempt - 1), job.retries.max_backoff)

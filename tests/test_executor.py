@@ -1,0 +1,242 @@
+"""The executor over the real SQLite stores and the real local runner."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distcrond.clock import Clock
+from distcrond.config.loader import LoadedConfig
+from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.coordination.sqlite import SQLiteCoordinationStore
+from distcrond.execution.executor import Executor
+from distcrond.execution.local import LocalRunner
+from distcrond.reporting.sqlite import SQLiteReportStore
+from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.ready = threading.Event()
+
+    def establish_leadership(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.ready.set()
+
+    def revoke_leadership(self) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.clock = Clock()
+        self.coordination = SQLiteCoordinationStore(tmp / "c.sqlite3")
+        self.reports = SQLiteReportStore(tmp / "r.sqlite3")
+        self.runner = LocalRunner(kill_grace=0.5)
+        node = NodeSpec.model_validate({"id": "n1", "connection_type": "local"})
+        self.config = LoadedConfig.build({}, {"n1": node})
+        listener = Listener()
+        self.coordination.start_election("p1", listener)
+        assert listener.ready.wait(5)
+        assert listener.epoch is not None
+        self.epoch = listener.epoch
+        self.executor = Executor(
+            self.coordination,
+            self.reports,
+            {"local": self.runner},
+            lambda: self.config,
+            "p1",
+            self.clock,
+        )
+
+    def job(self, job_id: str, **fields: Any) -> JobSpec:
+        spec: dict[str, Any] = {
+            "id": job_id,
+            "schedule": {"interval": "1h"},
+            "command": ["/bin/true"],
+        }
+        spec.update(fields)
+        job = JobSpec.model_validate(spec)
+        self.config = LoadedConfig.build({**self.config.jobs, job_id: job}, self.config.nodes)
+        return job
+
+    def assign(self, job_id: str, slot: datetime | None = None, **fields: Any) -> RunRecord:
+        slot = slot or datetime.now(UTC)
+        record = RunRecord(
+            run_id=run_id_for(job_id, slot),
+            job_id=job_id,
+            slot=slot,
+            node_id="n1",
+            peer_id="p1",
+            state=RunState.ASSIGNED,
+            epoch=self.epoch,
+            **fields,
+        )
+        self.coordination.record_runs(self.epoch, [record])
+        return record
+
+    def wait_report(self, run_id: str, timeout: float = 10) -> RunReport:
+        deadline = self.clock.monotonic() + timeout
+        while self.clock.monotonic() < deadline:
+            report = self.reports.get(run_id)
+            if report is not None:
+                return report
+            threading.Event().wait(0.02)
+        raise AssertionError(f"no report for {run_id}")
+
+    def close(self) -> None:
+        self.executor.stop(grace=0)
+        self.runner.close()
+        self.coordination.close()
+        self.reports.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def test_assigned_run_is_executed_reported_and_finished(h: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "env"
+    h.job(
+        "hello",
+        shell=True,
+        command=f"env | grep ^DISTCRON_ | sort > {out}; echo hi",
+        env={"GREETING": "x"},
+    )
+    h.executor.start()
+    record = h.assign("hello")
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.SUCCEEDED and report.stdout == "hi\n"
+    assert (report.node_id, report.peer_id, report.attempts) == ("n1", "p1", 1)
+    env = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    assert env["DISTCRON_RUN_ID"] == record.run_id
+    assert (
+        env["DISTCRON_JOB"] == "hello"
+        and env["DISTCRON_NODE"] == "n1"
+        and env["DISTCRON_PEER"] == "p1"
+    )
+    assert env["DISTCRON_SLOT"].endswith("Z") and "." in env["DISTCRON_SLOT"]
+    stored = h.coordination.get_run(record.run_id)
+    assert stored is not None and stored.state is RunState.SUCCEEDED
+
+
+def test_runs_assigned_before_start_are_picked_up(h: Harness) -> None:
+    h.job("early")
+    record = h.assign("early")
+    h.executor.start()
+    assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
+
+
+def test_a_run_claimed_elsewhere_is_never_started(h: Harness, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    h.job("once", command=["/usr/bin/touch", str(marker)])
+    record = h.assign("once")
+    assert h.coordination.claim_run(record.run_id, "p1", datetime.now(UTC)) is not None
+    h.executor.start()
+    h.job("probe")
+    probe = h.assign("probe")
+    h.wait_report(probe.run_id)  # the executor has dealt with what it was told about
+    assert not marker.exists()
+
+
+def test_failed_attempts_are_retried_with_backoff(h: Harness, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+    h.job(
+        "flaky",
+        shell=True,
+        retries={"count": 2, "backoff": "10ms"},
+        command=f"echo x >> {count}; test $(wc -l < {count}) -ge 3",
+    )
+    h.executor.start()
+    report = h.wait_report(h.assign("flaky").run_id)
+    assert report.state is RunState.SUCCEEDED and report.attempts == 3
+
+
+def test_retries_exhausted_leave_the_run_failed(h: Harness) -> None:
+    h.job("bad", retries={"count": 1, "backoff": "10ms"}, command=["/bin/false"])
+    h.executor.start()
+    report = h.wait_report(h.assign("bad").run_id)
+    assert report.state is RunState.FAILED and report.attempts == 2 and report.exit_code == 1
+
+
+def test_missing_command_is_a_failed_run_with_a_clear_reason(h: Harness) -> None:
+    h.job("typo", command=["/no/such/binary"])
+    h.executor.start()
+    report = h.wait_report(h.assign("typo").run_id)
+    assert report.state is RunState.FAILED and "/no/such/binary" in report.reason
+
+
+def test_cancel_request_stops_a_running_run(h: Harness, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    h.job("long", shell=True, command=f"touch {started}; sleep 60")
+    h.executor.start()
+    record = h.assign("long")
+    for _ in range(500):
+        if started.exists():
+            break
+        threading.Event().wait(0.02)
+    assert h.coordination.request_cancel(record.run_id)
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.FAILED and "replaced" in report.reason
+
+
+def test_stale_scheduled_run_beyond_the_misfire_grace_is_missed(h: Harness) -> None:
+    h.job("old", misfire={"policy": "run_all", "grace": "1m"})
+    h.executor.start()
+    record = h.assign("old", slot=datetime.now(UTC) - timedelta(hours=2))
+    assert h.wait_report(record.run_id).state is RunState.MISSED
+
+
+def test_run_of_a_removed_job_fails_with_the_reason(h: Harness) -> None:
+    h.executor.start()
+    report = h.wait_report(h.assign("vanished").run_id)
+    assert report.state is RunState.FAILED and "no longer defined" in report.reason
+
+
+def test_run_interrupted_by_a_crash_ends_unknown_after_restart(h: Harness) -> None:
+    h.job("crashy")
+    record = h.assign("crashy")
+    h.coordination.claim_run(record.run_id, "p1", datetime.now(UTC))  # then the peer "died"
+    h.executor.start()
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.UNKNOWN
+    stored = h.coordination.get_run(record.run_id)
+    assert stored is not None and stored.state is RunState.UNKNOWN
+
+
+def test_at_least_once_run_interrupted_by_a_crash_runs_again(h: Harness) -> None:
+    h.job("idem", delivery="at_least_once")
+    record = h.assign("idem", at_least_once=True)
+    h.coordination.claim_run(record.run_id, "p1", datetime.now(UTC))
+    h.executor.start()
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.SUCCEEDED
+
+
+def test_stop_cancels_runs_still_going_after_the_grace(h: Harness, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    h.job("forever", shell=True, command=f"touch {started}; sleep 60")
+    h.executor.start()
+    record = h.assign("forever")
+    for _ in range(500):
+        if started.exists():
+            break
+        threading.Event().wait(0.02)
+    h.executor.stop(grace=0.1)
+    report = h.reports.get(record.run_id)
+    assert (
+        report is not None and report.state is RunState.FAILED and "shutting down" in report.reason
+    )
+    assert report.trigger is Trigger.SCHEDULE
