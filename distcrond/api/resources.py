@@ -1,0 +1,490 @@
+"""The API's resources: one plain class per route, reading the stores and nothing else.
+
+Every resource gets the same :class:`APIContext` (the stores, this peer's id
+and the clock). Nothing here keeps state between requests: the daemon
+publishes what the API shows (leader, peers, loaded config, run records) into
+the coordination store, and finished runs live in the report store.
+
+Errors are raised as falcon HTTP errors (or left to propagate, for
+:class:`StoreUnavailable` and the unexpected); ``app.py`` renders them all as
+JSON in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import falcon
+
+import distcrond
+from distcrond.api import openapi
+from distcrond.clock import Clock
+from distcrond.config.models import JobSpec
+from distcrond.coordination.base import (
+    ConfigSnapshot,
+    CoordinationStore,
+    LeaderInfo,
+    StoreStatus,
+    StoreUnavailable,
+    TriggerRequest,
+)
+from distcrond.reporting.base import ReportStore, RunQuery
+from distcrond.runs import (
+    ACTIVE_STATES,
+    RunRecord,
+    RunReport,
+    RunState,
+    format_slot,
+    parse_slot,
+    run_id_for,
+    split_run_id,
+)
+from distcrond.scheduling.schedules import NoSlotError, next_slot
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 50
+# A slot is an instant: [slot, slot + 1µs) selects exactly one slot in the report store.
+ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class APIContext:
+    """The collaborators every resource shares."""
+
+    coordination: CoordinationStore
+    reports: ReportStore
+    peer_id: str
+    clock: Clock
+
+    def leader(self) -> LeaderInfo | None:
+        return self.coordination.leader()
+
+    def snapshot(self, leader: LeaderInfo | None = None) -> ConfigSnapshot | None:
+        """The config to show: the leader's, else this peer's own (None if neither published)."""
+        leader = leader if leader is not None else self.leader()
+        if leader is not None:
+            snap = self.coordination.config(leader.peer_id)
+            if snap is not None:
+                return snap
+        return self.coordination.config(self.peer_id)
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        snap = self.snapshot()
+        return snap.jobs if snap else {}
+
+    def job(self, job_id: str, snap: ConfigSnapshot | None = None) -> dict[str, Any]:
+        """A job's definition (from ``snap``, else the config shown), or 404."""
+        snap = snap if snap is not None else self.snapshot()
+        job = snap.jobs.get(job_id) if snap else None
+        if job is None:
+            description = f"No job {job_id!r} is loaded."
+            if snap and _job_errors(snap, job_id):
+                description += f" Its file has errors: see {API_PREFIX}/config/errors."
+            raise falcon.HTTPNotFound(title="Unknown job", description=description)
+        return job
+
+
+# -- shared views ---------------------------------------------------------------
+
+
+def _job_errors(snap: ConfigSnapshot, job_id: str) -> list[dict[str, Any]]:
+    name = f"{job_id}.json"
+    return [
+        e
+        for e in snap.errors
+        if str(e.get("file", "")) == name or str(e.get("file", "")).endswith(f"/{name}")
+    ]
+
+
+def _next_slot(
+    ctx: APIContext, job_id: str, job: dict[str, Any], cursor: datetime | None
+) -> str | None:
+    """The next slot after now (or after the cursor, when ahead); None when disabled."""
+    if not job.get("enabled", True):
+        return None
+    try:
+        spec = JobSpec.model_validate(job)
+    except ValueError:
+        # The daemon publishes validated specs; a snapshot from another version may not parse.
+        log.warning("cannot parse the published definition of job %r", job_id, exc_info=True)
+        return None
+    now = ctx.clock.now()
+    after = max(now, cursor) if cursor is not None else now
+    try:
+        return format_slot(next_slot(spec.schedule, job_id, after))
+    except NoSlotError:  # a cron date that never comes (Feb 30)
+        return None
+
+
+def _last_run(ctx: APIContext, job_id: str) -> dict[str, Any] | None:
+    page = ctx.reports.list_runs(RunQuery(job_id=job_id, limit=1))
+    if not page.runs:
+        return None
+    run = page.runs[0]
+    return {
+        "run_id": run.run_id,
+        "state": run.state.value,
+        "slot": format_slot(run.slot),
+        "exit_code": run.exit_code,
+        "ended_at": format_slot(run.ended_at) if run.ended_at else None,
+    }
+
+
+def _active_records(ctx: APIContext, job_id: str | None = None) -> list[RunRecord]:
+    """Active runs, newest slot first."""
+    records = ctx.coordination.runs(job_id=job_id, states=ACTIVE_STATES)
+    return sorted(records, key=lambda r: (r.slot, r.run_id), reverse=True)
+
+
+def _store_status(store: CoordinationStore | ReportStore) -> StoreStatus:
+    try:
+        return store.status()
+    except Exception as exc:  # a health check reports a failing store, it does not fail
+        log.warning("%s store status failed", store.backend, exc_info=True)
+        return StoreStatus(ok=False, backend=store.backend, detail=f"{type(exc).__name__}: {exc}")
+
+
+def _timestamp_param(req: falcon.Request, name: str) -> datetime | None:
+    text = req.get_param(name)
+    if not text:
+        return None
+    try:
+        return parse_slot(text)
+    except ValueError:
+        raise falcon.HTTPInvalidParam(
+            "must be an RFC 3339 instant with a time zone, like 2026-11-27T03:10:00Z", name
+        ) from None
+
+
+def _states_param(req: falcon.Request) -> tuple[RunState, ...]:
+    # Both ?state=a,b and ?state=a&state=b.
+    names = [n.strip() for v in req.get_param_as_list("state") or [] for n in v.split(",")]
+    try:
+        return tuple(RunState(n) for n in names if n)
+    except ValueError:
+        valid = ", ".join(s.value for s in RunState)
+        raise falcon.HTTPInvalidParam(
+            f"must be a comma-separated list of: {valid}", "state"
+        ) from None
+
+
+# -- resources ------------------------------------------------------------------
+
+
+class Health:
+    """Whether this peer's stores answer; 503 (with the same JSON body) when one does not."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        coordination = _store_status(self.ctx.coordination)
+        reports = _store_status(self.ctx.reports)
+        leader: LeaderInfo | None = None
+        if coordination.ok:
+            try:
+                leader = self.ctx.leader()
+            except StoreUnavailable:
+                coordination = StoreStatus(False, coordination.backend, "leader lookup failed")
+        ok = coordination.ok and reports.ok
+        resp.status = falcon.HTTP_200 if ok else falcon.HTTP_503
+        resp.media = {
+            "status": "ok" if ok else "degraded",
+            "peer_id": self.ctx.peer_id,
+            "is_leader": leader is not None and leader.peer_id == self.ctx.peer_id,
+            "leader_id": leader.peer_id if leader else None,
+            "epoch": leader.epoch if leader else None,
+            "version": distcrond.__version__,
+            "stores": {"coordination": coordination.to_json(), "reports": reports.to_json()},
+        }
+
+
+class Cluster:
+    """The leader, the live peers and which of them run a config other than the leader's."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        leader = self.ctx.leader()
+        peers = self.ctx.coordination.peers()
+        reference: str | None = None
+        if leader is not None:
+            reference = next((p.config_digest for p in peers if p.peer_id == leader.peer_id), None)
+            if reference is None:
+                snap = self.ctx.coordination.config(leader.peer_id)
+                reference = snap.digest if snap else None
+        out = []
+        drift = []
+        for peer in peers:
+            drifting = reference is not None and peer.config_digest != reference
+            if drifting:
+                drift.append(peer.peer_id)
+            out.append(
+                peer.to_json()
+                | {
+                    "is_leader": leader is not None and peer.peer_id == leader.peer_id,
+                    "config_drift": drifting,
+                }
+            )
+        resp.media = {
+            "leader": (
+                {
+                    "peer_id": leader.peer_id,
+                    "epoch": leader.epoch,
+                    "since": format_slot(leader.since),
+                }
+                if leader
+                else None
+            ),
+            "epoch": leader.epoch if leader else None,
+            "peers": out,
+            "drift": drift,
+        }
+
+
+class Jobs:
+    """Every loaded job, with its next slot and last finished run."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        jobs = self.ctx.jobs()
+        cursors = self.ctx.coordination.cursors()
+        resp.media = {
+            "jobs": [
+                {
+                    "id": job_id,
+                    "description": job.get("description", ""),
+                    "enabled": job.get("enabled", True),
+                    "schedule": job.get("schedule"),
+                    "policy": job.get("policy"),
+                    "next_slot": _next_slot(self.ctx, job_id, job, cursors.get(job_id)),
+                    "last_run": _last_run(self.ctx, job_id),
+                }
+                for job_id, job in sorted(jobs.items())
+            ]
+        }
+
+
+class Job:
+    """One job: its definition, next slot, last and active runs, and its file's errors."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        snap = self.ctx.snapshot()
+        job = self.ctx.job(job_id, snap)
+        cursor = self.ctx.coordination.cursors().get(job_id)
+        resp.media = {
+            "job": job,
+            "next_slot": _next_slot(self.ctx, job_id, job, cursor),
+            "last_run": _last_run(self.ctx, job_id),
+            "active_runs": [r.to_json() for r in _active_records(self.ctx, job_id)],
+            "errors": _job_errors(snap, job_id) if snap else [],
+        }
+
+
+class JobRuns:
+    """A job's runs (GET: active ones, then finished ones, newest first) and "run now" (POST)."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        limit = req.get_param_as_int(
+            "limit", min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT
+        )
+        cursor = req.get_param("cursor") or None
+        states = _states_param(req)
+        node_id = req.get_param("node") or None
+        since = _timestamp_param(req, "since")
+        until = _timestamp_param(req, "until")
+        query = RunQuery(
+            job_id=job_id,
+            states=states,
+            node_id=node_id,
+            since=since,
+            until=until,
+            limit=limit,
+            cursor=cursor,
+        )
+        try:
+            page = self.ctx.reports.list_runs(query)
+        except ValueError as exc:  # the store's word for a cursor it did not issue
+            raise falcon.HTTPInvalidParam(
+                str(exc) or "is not a cursor of this query", "cursor"
+            ) from None
+
+        active: list[RunRecord] = []
+        if cursor is None:
+            active = [
+                r
+                for r in _active_records(self.ctx, job_id)
+                if (not states or r.state in states)
+                and (node_id is None or r.node_id == node_id)
+                and (since is None or r.slot >= since)
+                and (until is None or r.slot < until)
+            ]
+        if not page.runs and not active and cursor is None and job_id not in self.ctx.jobs():
+            # History of a job that is no longer loaded is still served; a name never seen is not.
+            raise falcon.HTTPNotFound(
+                title="Unknown job", description=f"No job {job_id!r} is loaded or has runs."
+            )
+        resp.media = {
+            "job_id": job_id,
+            "active": [r.to_json() for r in active],
+            "runs": [r.to_json() for r in page.runs],
+            "next_cursor": page.next_cursor,
+        }
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        # The body is optional and carries no fields yet; it must still be JSON if present.
+        body = req.get_media(default_when_empty=None)
+        if body is not None and not isinstance(body, dict):
+            raise falcon.HTTPBadRequest(
+                title="Invalid body", description="The body, if any, must be a JSON object."
+            )
+        self.ctx.job(job_id)  # 404 when unknown; a disabled job may be run by hand
+        now = self.ctx.clock.now()
+        run_id = run_id_for(job_id, now)
+        self.ctx.coordination.request_trigger(
+            TriggerRequest(
+                run_id=run_id,
+                job_id=job_id,
+                slot=now,
+                requested_at=now,
+                requested_by=self.ctx.peer_id,
+            )
+        )
+        status_url = f"{API_PREFIX}/runs/{run_id}"
+        resp.status = falcon.HTTP_202
+        resp.location = status_url
+        resp.media = {
+            "run_id": run_id,
+            "job_id": job_id,
+            "slot": format_slot(now),
+            "status_url": status_url,
+        }
+
+
+class Run:
+    """One run by id: finished (reports), active (coordination), queued, or a per-node group."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
+        try:
+            job_id, slot, node_id = split_run_id(run_id)
+        except ValueError:
+            raise falcon.HTTPBadRequest(
+                title="Invalid run id",
+                description=f"{run_id!r} is not a run id '<job>@<RFC 3339 slot>[~<node>]'.",
+            ) from None
+
+        report = self.ctx.reports.get(run_id)
+        if report is not None:
+            resp.media = report.to_json() | {"source": "reports"}
+            return
+        record = self.ctx.coordination.get_run(run_id)
+        if record is not None:
+            resp.media = record.to_json() | {
+                "stdout": None,
+                "stderr": None,
+                "source": "coordination",
+            }
+            return
+        for trigger in self.ctx.coordination.pending_triggers():
+            if trigger.run_id == run_id:
+                resp.media = {
+                    "run_id": run_id,
+                    "job_id": trigger.job_id,
+                    "slot": format_slot(trigger.slot),
+                    "state": "queued",
+                    "source": "triggers",
+                }
+                return
+        if node_id is None:
+            group = self._node_runs(run_id, job_id, slot)
+            if group:
+                resp.media = {
+                    "run_id": run_id,
+                    "job_id": job_id,
+                    "slot": format_slot(slot),
+                    "source": "nodes",
+                    "runs": group,
+                }
+                return
+        raise falcon.HTTPNotFound(title="Unknown run", description=f"No run {run_id!r} is known.")
+
+    def _node_runs(self, run_id: str, job_id: str, slot: datetime) -> list[dict[str, Any]]:
+        """The per-node runs (``<run_id>~<node>``) of a slot a policy ran on several nodes."""
+        prefix = f"{run_id}~"
+        found: dict[str, dict[str, Any]] = {}
+        query = RunQuery(job_id=job_id, since=slot, until=slot + ONE_MICROSECOND, limit=MAX_LIMIT)
+        reports: list[RunReport] = self.ctx.reports.list_runs(query).runs
+        for report in reports:
+            if report.run_id.startswith(prefix):
+                found[report.run_id] = report.to_json() | {"source": "reports"}
+        for record in self.ctx.coordination.runs(job_id=job_id):
+            if record.run_id.startswith(prefix) and record.run_id not in found:
+                found[record.run_id] = record.to_json() | {
+                    "stdout": None,
+                    "stderr": None,
+                    "source": "coordination",
+                }
+        return [found[k] for k in sorted(found)]
+
+
+class Nodes:
+    """The loaded nodes, with how many active runs each has."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        snap = self.ctx.snapshot()
+        nodes = snap.nodes if snap else {}
+        counts: dict[str, int] = {}
+        for record in self.ctx.coordination.runs(states=ACTIVE_STATES):
+            if record.node_id:
+                counts[record.node_id] = counts.get(record.node_id, 0) + 1
+        resp.media = {
+            "nodes": [
+                node | {"id": node_id, "active_runs": counts.get(node_id, 0)}
+                for node_id, node in sorted(nodes.items())
+            ]
+        }
+
+
+class ConfigErrors:
+    """The job and node file errors of the config shown (the leader's, else this peer's)."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        snap = self.ctx.snapshot()
+        resp.media = {
+            "peer_id": snap.peer_id if snap else None,
+            "errors": list(snap.errors) if snap else [],
+        }
+
+
+class OpenAPI:
+    """This API's OpenAPI document."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = openapi.document()

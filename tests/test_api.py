@@ -1,0 +1,738 @@
+"""The REST API over real SQLite stores, through falcon's TestClient (no network)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import falcon
+import pytest
+from falcon.testing import TestClient
+
+import distcrond
+from distcrond.api import create_app
+from distcrond.clock import FakeClock
+from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.coordination.base import (
+    ConfigSnapshot,
+    PeerInfo,
+    StoreStatus,
+    StoreUnavailable,
+    TriggerRequest,
+)
+from distcrond.coordination.sqlite import SQLiteCoordinationStore
+from distcrond.reporting.sqlite import SQLiteReportStore
+from distcrond.runs import RunRecord, RunReport, RunState, format_slot, run_id_for
+
+NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+SLOT = datetime(2026, 11, 27, 2, 55, tzinfo=UTC)
+
+
+# -- fixtures and builders ----------------------------------------------------
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.established = threading.Event()
+
+    def establish_leadership(self, epoch: int) -> None:
+        self.established.set()
+
+    def revoke_leadership(self) -> None:
+        pass
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(NOW)
+
+
+@pytest.fixture
+def coordination(tmp_path: Path) -> Iterator[SQLiteCoordinationStore]:
+    store = SQLiteCoordinationStore(tmp_path / "coordination.sqlite3")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Iterator[SQLiteReportStore]:
+    store = SQLiteReportStore(tmp_path / "reports.sqlite3")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def client(
+    coordination: SQLiteCoordinationStore, reports: SQLiteReportStore, clock: FakeClock
+) -> TestClient:
+    return TestClient(create_app(coordination, reports, "peer-a", clock))
+
+
+def job_dict(job_id: str, cron: str = "*/5 * * * *", **fields: Any) -> dict[str, Any]:
+    spec = JobSpec.model_validate(
+        {"id": job_id, "schedule": {"cron": cron}, "command": ["/bin/true"], **fields}
+    )
+    return spec.model_dump(mode="json")
+
+
+def node_dict(node_id: str, **fields: Any) -> dict[str, Any]:
+    return NodeSpec(id=node_id, **fields).model_dump(mode="json")
+
+
+def publish(
+    store: SQLiteCoordinationStore,
+    peer_id: str = "peer-a",
+    jobs: tuple[str, ...] = ("backup",),
+    nodes: tuple[str, ...] = (),
+    errors: tuple[dict[str, Any], ...] = (),
+    digest: str = "digest-1",
+    **job_fields: Any,
+) -> None:
+    store.publish_config(
+        ConfigSnapshot(
+            peer_id=peer_id,
+            digest=digest,
+            jobs={j: job_dict(j, **job_fields) for j in jobs},
+            nodes={n: node_dict(n) for n in nodes},
+            errors=list(errors),
+            loaded_at=NOW,
+        )
+    )
+
+
+def elect(path: Path, peer_id: str) -> SQLiteCoordinationStore:
+    """Make ``peer_id`` leader through a store of its own (close it to abdicate)."""
+    store = SQLiteCoordinationStore(path)
+    listener = Listener()
+    store.start_election(peer_id, listener)
+    assert listener.established.wait(5)
+    return store
+
+
+@pytest.fixture
+def leader(tmp_path: Path) -> Iterator[SQLiteCoordinationStore]:
+    """peer-a is leader; returns its store, for fenced writes."""
+    store = elect(tmp_path / "coordination.sqlite3", "peer-a")
+    yield store
+    store.close()
+
+
+def epoch_of(store: SQLiteCoordinationStore) -> int:
+    info = store.leader()
+    assert info is not None
+    return info.epoch
+
+
+def record(
+    job_id: str,
+    slot: datetime,
+    state: RunState = RunState.ASSIGNED,
+    node_id: str | None = "node-1",
+    run_id: str | None = None,
+) -> RunRecord:
+    return RunRecord(
+        run_id=run_id or run_id_for(job_id, slot),
+        job_id=job_id,
+        slot=slot,
+        node_id=node_id,
+        peer_id="peer-a",
+        state=state,
+        created_at=slot,
+    )
+
+
+def report(
+    job_id: str,
+    slot: datetime,
+    state: RunState = RunState.SUCCEEDED,
+    node_id: str | None = "node-1",
+    run_id: str | None = None,
+    **fields: Any,
+) -> RunReport:
+    return RunReport(
+        run_id=run_id or run_id_for(job_id, slot),
+        job_id=job_id,
+        slot=slot,
+        state=state,
+        node_id=node_id,
+        peer_id="peer-a",
+        started_at=slot,
+        ended_at=slot + timedelta(seconds=2),
+        exit_code=0 if state is RunState.SUCCEEDED else 1,
+        **fields,
+    )
+
+
+def assert_error(result: Any, status: str) -> dict[str, Any]:
+    assert result.status == status
+    assert result.headers["content-type"].startswith("application/json")
+    error = result.json["error"]
+    assert isinstance(error["title"], str) and error["title"]
+    assert isinstance(error["description"], str)
+    return error
+
+
+class FailingReports(SQLiteReportStore):
+    def status(self) -> StoreStatus:
+        return StoreStatus(ok=False, backend=self.backend, detail="disk on fire")
+
+
+class UnreachableCoordination(SQLiteCoordinationStore):
+    def peers(self) -> list[PeerInfo]:
+        raise StoreUnavailable("session suspended")
+
+    def status(self) -> StoreStatus:
+        raise StoreUnavailable("session suspended")
+
+
+class BuggyCoordination(SQLiteCoordinationStore):
+    def peers(self) -> list[PeerInfo]:
+        raise KeyError("a bug")
+
+
+# -- health ---------------------------------------------------------------------
+
+
+def test_health_is_ok_when_both_stores_answer(client: TestClient) -> None:
+    result = client.simulate_get("/api/v1/health")
+    assert result.status == falcon.HTTP_200
+    assert result.json == {
+        "status": "ok",
+        "peer_id": "peer-a",
+        "is_leader": False,
+        "leader_id": None,
+        "epoch": None,
+        "version": distcrond.__version__,
+        "stores": {
+            "coordination": result.json["stores"]["coordination"],
+            "reports": result.json["stores"]["reports"],
+        },
+    }
+    assert result.json["stores"]["coordination"]["ok"] is True
+    assert result.json["stores"]["reports"]["backend"] == "sqlite"
+
+
+def test_health_names_this_peer_leader_with_its_epoch(
+    client: TestClient, leader: SQLiteCoordinationStore
+) -> None:
+    body = client.simulate_get("/api/v1/health").json
+    assert body["is_leader"] is True
+    assert body["leader_id"] == "peer-a"
+    assert body["epoch"] == epoch_of(leader)
+
+
+def test_health_is_503_with_json_body_when_report_store_is_not_ok(
+    tmp_path: Path, coordination: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    reports = FailingReports(tmp_path / "reports.sqlite3")
+    try:
+        result = TestClient(create_app(coordination, reports, "peer-a", clock)).simulate_get(
+            "/api/v1/health"
+        )
+    finally:
+        reports.close()
+    assert result.status == falcon.HTTP_503
+    assert result.json["status"] == "degraded"
+    assert result.json["stores"]["reports"] == {
+        "ok": False,
+        "backend": "sqlite",
+        "detail": "disk on fire",
+    }
+
+
+def test_health_is_503_when_coordination_status_raises(
+    tmp_path: Path, reports: SQLiteReportStore, clock: FakeClock
+) -> None:
+    coordination = UnreachableCoordination(tmp_path / "coordination.sqlite3")
+    try:
+        result = TestClient(create_app(coordination, reports, "peer-a", clock)).simulate_get(
+            "/api/v1/health"
+        )
+    finally:
+        coordination.close()
+    assert result.status == falcon.HTTP_503
+    assert result.json["stores"]["coordination"]["ok"] is False
+    assert "session suspended" in result.json["stores"]["coordination"]["detail"]
+
+
+# -- cluster --------------------------------------------------------------------
+
+
+def peer(peer_id: str, digest: str) -> PeerInfo:
+    return PeerInfo(
+        peer_id=peer_id,
+        api_url=f"http://{peer_id}:8080",
+        started_at=NOW,
+        version="0.1.0",
+        config_digest=digest,
+    )
+
+
+def test_cluster_without_leader_reports_no_drift(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    coordination.register_peer(peer("peer-a", "d1"))
+    coordination.register_peer(peer("peer-b", "d2"))
+    body = client.simulate_get("/api/v1/cluster").json
+    assert body["leader"] is None
+    assert body["epoch"] is None
+    assert body["drift"] == []
+    assert [p["peer_id"] for p in body["peers"]] == ["peer-a", "peer-b"]
+    assert all(p["is_leader"] is False and p["config_drift"] is False for p in body["peers"])
+
+
+def test_cluster_flags_peers_whose_config_digest_differs_from_the_leaders(
+    client: TestClient, coordination: SQLiteCoordinationStore, leader: SQLiteCoordinationStore
+) -> None:
+    coordination.register_peer(peer("peer-a", "d1"))
+    coordination.register_peer(peer("peer-b", "d2"))
+    coordination.register_peer(peer("peer-c", "d1"))
+    body = client.simulate_get("/api/v1/cluster").json
+    assert body["leader"] == {
+        "peer_id": "peer-a",
+        "epoch": epoch_of(leader),
+        "since": body["leader"]["since"],
+    }
+    assert body["epoch"] == epoch_of(leader)
+    assert body["drift"] == ["peer-b"]
+    by_id = {p["peer_id"]: p for p in body["peers"]}
+    assert by_id["peer-a"]["is_leader"] is True
+    assert by_id["peer-b"]["is_leader"] is False
+    assert by_id["peer-b"]["config_drift"] is True
+    assert by_id["peer-c"]["config_drift"] is False
+    assert by_id["peer-b"]["api_url"] == "http://peer-b:8080"
+
+
+# -- jobs -----------------------------------------------------------------------
+
+
+def test_jobs_is_empty_when_no_config_is_published(client: TestClient) -> None:
+    assert client.simulate_get("/api/v1/jobs").json == {"jobs": []}
+
+
+def test_jobs_lists_jobs_sorted_with_next_slot_and_last_run(
+    client: TestClient, coordination: SQLiteCoordinationStore, reports: SQLiteReportStore
+) -> None:
+    publish(coordination, jobs=("zeta", "alpha"))
+    reports.write([report("alpha", SLOT, RunState.FAILED)])
+    jobs = client.simulate_get("/api/v1/jobs").json["jobs"]
+    assert [j["id"] for j in jobs] == ["alpha", "zeta"]
+    alpha = jobs[0]
+    assert alpha["enabled"] is True
+    assert alpha["schedule"] == {"cron": "*/5 * * * *", "timezone": "UTC"}
+    assert alpha["policy"] == {"hosts": "any", "roles": []}
+    assert alpha["next_slot"] == "2026-11-27T03:05:00.000000Z"
+    assert alpha["last_run"] == {
+        "run_id": run_id_for("alpha", SLOT),
+        "state": "failed",
+        "slot": format_slot(SLOT),
+        "exit_code": 1,
+        "ended_at": format_slot(SLOT + timedelta(seconds=2)),
+    }
+    assert jobs[1]["last_run"] is None
+
+
+def test_jobs_next_slot_follows_the_scheduler_cursor_when_it_is_ahead_of_now(
+    client: TestClient, coordination: SQLiteCoordinationStore, leader: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    leader.record_runs(epoch_of(leader), [], cursors={"backup": NOW + timedelta(minutes=10)})
+    [job] = client.simulate_get("/api/v1/jobs").json["jobs"]
+    assert job["next_slot"] == "2026-11-27T03:15:00.000000Z"
+
+
+def test_jobs_next_slot_is_null_for_a_disabled_job(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination, enabled=False)
+    [job] = client.simulate_get("/api/v1/jobs").json["jobs"]
+    assert job["enabled"] is False
+    assert job["next_slot"] is None
+
+
+def test_jobs_shows_the_leaders_config_rather_than_this_peers(
+    tmp_path: Path, client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination, "peer-a", jobs=("mine",))
+    publish(coordination, "peer-b", jobs=("leaders",))
+    other = elect(tmp_path / "coordination.sqlite3", "peer-b")
+    try:
+        jobs = client.simulate_get("/api/v1/jobs").json["jobs"]
+    finally:
+        other.close()
+    assert [j["id"] for j in jobs] == ["leaders"]
+
+
+def test_jobs_falls_back_to_this_peers_config_when_the_leader_published_none(
+    tmp_path: Path, client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination, "peer-a", jobs=("mine",))
+    other = elect(tmp_path / "coordination.sqlite3", "peer-b")
+    try:
+        jobs = client.simulate_get("/api/v1/jobs").json["jobs"]
+    finally:
+        other.close()
+    assert [j["id"] for j in jobs] == ["mine"]
+
+
+def test_job_shows_definition_active_runs_and_its_files_errors(
+    client: TestClient, coordination: SQLiteCoordinationStore, leader: SQLiteCoordinationStore
+) -> None:
+    errors = (
+        {"file": "/etc/distcron/jobs.d/backup.json", "field": "timeout", "reason": "bad"},
+        {"file": "/etc/distcron/jobs.d/other.json", "field": "command", "reason": "missing"},
+    )
+    publish(coordination, jobs=("backup", "other"), errors=errors)
+    leader.record_runs(
+        epoch_of(leader),
+        [record("backup", SLOT), record("backup", NOW, RunState.ASSIGNED)],
+    )
+    leader.claim_run(run_id_for("backup", SLOT), "peer-a", SLOT)
+    body = client.simulate_get("/api/v1/jobs/backup").json
+    assert body["job"] == job_dict("backup")
+    assert body["next_slot"] == "2026-11-27T03:05:00.000000Z"
+    assert body["last_run"] is None
+    assert [(r["run_id"], r["state"]) for r in body["active_runs"]] == [
+        (run_id_for("backup", NOW), "assigned"),
+        (run_id_for("backup", SLOT), "running"),
+    ]
+    assert body["errors"] == [errors[0]]
+
+
+def test_unknown_job_is_404_json(client: TestClient, coordination: SQLiteCoordinationStore) -> None:
+    publish(coordination)
+    error = assert_error(client.simulate_get("/api/v1/jobs/nope"), falcon.HTTP_404)
+    assert "nope" in error["description"]
+
+
+def test_unknown_job_with_a_broken_file_points_to_the_config_errors(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(
+        coordination,
+        jobs=(),
+        errors=({"file": "jobs.d/broken.json", "field": "schedule", "reason": "required"},),
+    )
+    error = assert_error(client.simulate_get("/api/v1/jobs/broken"), falcon.HTTP_404)
+    assert "/api/v1/config/errors" in error["description"]
+
+
+# -- a job's runs -----------------------------------------------------------------
+
+
+def test_runs_pages_through_history_newest_first_with_active_runs_on_the_first_page(
+    client: TestClient,
+    coordination: SQLiteCoordinationStore,
+    reports: SQLiteReportStore,
+    leader: SQLiteCoordinationStore,
+) -> None:
+    publish(coordination)
+    slots = [SLOT - timedelta(minutes=5 * i) for i in range(7)]
+    reports.write([report("backup", s) for s in slots])
+    leader.record_runs(epoch_of(leader), [record("backup", NOW)])
+
+    seen: list[str] = []
+    actives: list[list[dict[str, Any]]] = []
+    params: dict[str, Any] = {"limit": 3}
+    while True:
+        body = client.simulate_get("/api/v1/jobs/backup/runs", params=params).json
+        assert body["job_id"] == "backup"
+        seen += [r["slot"] for r in body["runs"]]
+        actives.append(body["active"])
+        if body["next_cursor"] is None:
+            break
+        params = {"limit": 3, "cursor": body["next_cursor"]}
+    assert seen == [format_slot(s) for s in slots]
+    assert [len(a) for a in actives] == [1, 0, 0]
+    assert actives[0][0]["run_id"] == run_id_for("backup", NOW)
+
+
+def test_runs_filters_by_state_node_and_time(
+    client: TestClient, coordination: SQLiteCoordinationStore, reports: SQLiteReportStore
+) -> None:
+    publish(coordination)
+    reports.write(
+        [
+            report("backup", SLOT, RunState.FAILED, node_id="node-1"),
+            report("backup", SLOT - timedelta(minutes=5), RunState.SUCCEEDED, node_id="node-2"),
+            report("backup", SLOT - timedelta(minutes=10), RunState.UNKNOWN, node_id="node-1"),
+        ]
+    )
+
+    def slots(**params: Any) -> list[str]:
+        result = client.simulate_get("/api/v1/jobs/backup/runs", params=params)
+        assert result.status == falcon.HTTP_200
+        return [r["slot"] for r in result.json["runs"]]
+
+    assert slots(state="failed,unknown") == [
+        format_slot(SLOT),
+        format_slot(SLOT - timedelta(minutes=10)),
+    ]
+    assert slots(node="node-2") == [format_slot(SLOT - timedelta(minutes=5))]
+    assert slots(since="2026-11-27T02:50:00Z", until="2026-11-27T02:55:00Z") == [
+        format_slot(SLOT - timedelta(minutes=5))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"state": "running,exploded"}, "state"),
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2026-11-27T03:00:00"}, "until"),  # no time zone
+        ({"cursor": "not-a-cursor"}, "cursor"),
+    ],
+)
+def test_runs_rejects_bad_query_parameters_with_400(
+    client: TestClient, coordination: SQLiteCoordinationStore, params: dict[str, str], name: str
+) -> None:
+    publish(coordination)
+    result = client.simulate_get("/api/v1/jobs/backup/runs", params=params)
+    error = assert_error(result, falcon.HTTP_400)
+    assert name in error["title"] + error["description"]
+
+
+def test_runs_of_a_job_never_seen_is_404(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    assert_error(client.simulate_get("/api/v1/jobs/ghost/runs"), falcon.HTTP_404)
+
+
+def test_runs_of_a_removed_job_still_show_its_history(
+    client: TestClient, coordination: SQLiteCoordinationStore, reports: SQLiteReportStore
+) -> None:
+    publish(coordination, jobs=())
+    reports.write([report("retired", SLOT)])
+    body = client.simulate_get("/api/v1/jobs/retired/runs").json
+    assert [r["run_id"] for r in body["runs"]] == [run_id_for("retired", SLOT)]
+
+
+# -- trigger ----------------------------------------------------------------------
+
+
+def test_trigger_queues_a_manual_run_and_answers_202_with_its_status_url(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    result = client.simulate_post("/api/v1/jobs/backup/runs")
+    run_id = run_id_for("backup", NOW)
+    assert result.status == falcon.HTTP_202
+    assert result.json == {
+        "run_id": run_id,
+        "job_id": "backup",
+        "slot": format_slot(NOW),
+        "status_url": f"/api/v1/runs/{run_id}",
+    }
+    assert result.headers["location"].endswith(f"/api/v1/runs/{run_id}")
+    assert coordination.pending_triggers() == [
+        TriggerRequest(
+            run_id=run_id, job_id="backup", slot=NOW, requested_at=NOW, requested_by="peer-a"
+        )
+    ]
+    # The status URL answers at once: the run is queued.
+    status = client.simulate_get(result.json["status_url"]).json
+    assert status == {
+        "run_id": run_id,
+        "job_id": "backup",
+        "slot": format_slot(NOW),
+        "state": "queued",
+        "source": "triggers",
+    }
+
+
+def test_trigger_accepts_an_empty_json_object_body(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    result = client.simulate_post("/api/v1/jobs/backup/runs", json={})
+    assert result.status == falcon.HTTP_202
+
+
+def test_trigger_of_a_disabled_job_is_accepted(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination, enabled=False)
+    assert client.simulate_post("/api/v1/jobs/backup/runs").status == falcon.HTTP_202
+    assert len(coordination.pending_triggers()) == 1
+
+
+def test_trigger_of_an_unknown_job_is_404_and_queues_nothing(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    assert_error(client.simulate_post("/api/v1/jobs/nope/runs"), falcon.HTTP_404)
+    assert coordination.pending_triggers() == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]"])
+def test_trigger_with_a_malformed_body_is_400(
+    client: TestClient, coordination: SQLiteCoordinationStore, body: bytes
+) -> None:
+    publish(coordination)
+    result = client.simulate_post(
+        "/api/v1/jobs/backup/runs", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert_error(result, falcon.HTTP_400)
+    assert coordination.pending_triggers() == []
+
+
+# -- one run ----------------------------------------------------------------------
+
+
+def test_run_prefers_the_finished_report_with_its_output(
+    client: TestClient, reports: SQLiteReportStore, leader: SQLiteCoordinationStore
+) -> None:
+    run_id = run_id_for("backup", SLOT)
+    leader.record_runs(epoch_of(leader), [record("backup", SLOT)])
+    reports.write([report("backup", SLOT, stdout="hello\n", stderr="warn\n")])
+    body = client.simulate_get(f"/api/v1/runs/{run_id}").json
+    assert body["source"] == "reports"
+    assert body["run_id"] == run_id
+    assert body["state"] == "succeeded"
+    assert body["stdout"] == "hello\n"
+    assert body["stderr"] == "warn\n"
+    assert body["duration_ms"] == 2000
+
+
+def test_run_that_is_still_active_comes_from_coordination_without_output(
+    client: TestClient, leader: SQLiteCoordinationStore
+) -> None:
+    run_id = run_id_for("backup", SLOT)
+    leader.record_runs(epoch_of(leader), [record("backup", SLOT)])
+    body = client.simulate_get(f"/api/v1/runs/{run_id}").json
+    assert body["source"] == "coordination"
+    assert body["state"] == "assigned"
+    assert body["stdout"] is None and body["stderr"] is None
+    assert body["node_id"] == "node-1"
+
+
+def test_run_id_may_be_percent_encoded(client: TestClient, reports: SQLiteReportStore) -> None:
+    run_id = run_id_for("backup", SLOT)
+    reports.write([report("backup", SLOT)])
+    result = client.simulate_get(f"/api/v1/runs/{quote(run_id, safe='')}")
+    assert result.status == falcon.HTTP_200
+    assert result.json["run_id"] == run_id
+
+
+def test_slot_run_on_several_nodes_answers_each_nodes_run(
+    client: TestClient, reports: SQLiteReportStore, leader: SQLiteCoordinationStore
+) -> None:
+    base = run_id_for("fanout", SLOT)
+    reports.write([report("fanout", SLOT, node_id="node-1", run_id=f"{base}~node-1")])
+    leader.record_runs(
+        epoch_of(leader),
+        [
+            record("fanout", SLOT, node_id="node-2", run_id=f"{base}~node-2"),
+            # Not of this slot: must not be listed.
+            record("fanout", NOW, node_id="node-2", run_id=f"{run_id_for('fanout', NOW)}~node-2"),
+        ],
+    )
+    body = client.simulate_get(f"/api/v1/runs/{base}").json
+    assert body["run_id"] == base
+    assert body["source"] == "nodes"
+    assert [(r["run_id"], r["source"]) for r in body["runs"]] == [
+        (f"{base}~node-1", "reports"),
+        (f"{base}~node-2", "coordination"),
+    ]
+
+
+def test_unknown_run_is_404(client: TestClient) -> None:
+    assert_error(client.simulate_get(f"/api/v1/runs/{run_id_for('x', SLOT)}"), falcon.HTTP_404)
+
+
+@pytest.mark.parametrize("run_id", ["no-at-sign", "backup@yesterday", "@2026-11-27T03:00:00Z"])
+def test_malformed_run_id_is_400(client: TestClient, run_id: str) -> None:
+    assert_error(client.simulate_get(f"/api/v1/runs/{run_id}"), falcon.HTTP_400)
+
+
+# -- nodes and config errors ----------------------------------------------------------
+
+
+def test_nodes_are_sorted_with_their_active_run_counts(
+    client: TestClient,
+    coordination: SQLiteCoordinationStore,
+    leader: SQLiteCoordinationStore,
+) -> None:
+    publish(coordination, nodes=("web-2", "web-1"))
+    leader.record_runs(
+        epoch_of(leader),
+        [
+            record("a", SLOT, node_id="web-1"),
+            record("b", SLOT, node_id="web-1"),
+            record("c", SLOT, node_id="web-2"),
+        ],
+    )
+    leader.finish_run(run_id_for("c", SLOT), RunState.SUCCEEDED, ended_at=NOW, exit_code=0)
+    nodes = client.simulate_get("/api/v1/nodes").json["nodes"]
+    assert [(n["id"], n["active_runs"]) for n in nodes] == [("web-1", 2), ("web-2", 0)]
+    assert nodes[0]["connection_type"] == "local"
+
+
+def test_config_errors_name_the_snapshot_they_come_from(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    errors = ({"file": "jobs.d/bad.json", "field": "schedule", "reason": "required"},)
+    publish(coordination, errors=errors)
+    assert client.simulate_get("/api/v1/config/errors").json == {
+        "peer_id": "peer-a",
+        "errors": list(errors),
+    }
+
+
+def test_config_errors_without_any_snapshot(client: TestClient) -> None:
+    assert client.simulate_get("/api/v1/config/errors").json == {"peer_id": None, "errors": []}
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+def test_unknown_route_is_404_json(client: TestClient) -> None:
+    error = assert_error(client.simulate_get("/api/v1/nothing-here"), falcon.HTTP_404)
+    assert "/api/v1/nothing-here" in error["description"]
+
+
+def test_wrong_method_is_405_json(client: TestClient) -> None:
+    result = client.simulate_delete("/api/v1/jobs")
+    assert_error(result, falcon.HTTP_405)
+    assert "GET" in result.headers["allow"]
+
+
+def test_unavailable_store_is_503_json(
+    tmp_path: Path, reports: SQLiteReportStore, clock: FakeClock
+) -> None:
+    coordination = UnreachableCoordination(tmp_path / "coordination.sqlite3")
+    try:
+        result = TestClient(create_app(coordination, reports, "peer-a", clock)).simulate_get(
+            "/api/v1/cluster"
+        )
+    finally:
+        coordination.close()
+    error = assert_error(result, falcon.HTTP_503)
+    assert "session suspended" in error["description"]
+
+
+def test_unexpected_error_is_500_json_and_logged(
+    tmp_path: Path,
+    reports: SQLiteReportStore,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coordination = BuggyCoordination(tmp_path / "coordination.sqlite3")
+    try:
+        app = create_app(coordination, reports, "peer-a", clock)
+        with caplog.at_level(logging.ERROR, logger="distcrond.api"):
+            result = TestClient(app).simulate_get("/api/v1/cluster")
+    finally:
+        coordination.close()
+    assert_error(result, falcon.HTTP_500)
+    [entry] = [r for r in caplog.records if r.name.startswith("distcrond.api")]
+    assert entry.exc_info is not None and entry.exc_info[0] is KeyError
