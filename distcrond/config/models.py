@@ -9,7 +9,7 @@ the field rather than a silently ignored setting.
 from __future__ import annotations
 
 import re
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -31,6 +31,15 @@ from distcrond.config.durations import format_duration, parse_duration
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MIN_INTERVAL = timedelta(milliseconds=100)
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+
+
+def check_id(value: str) -> str:
+    """A job or node id (its file name without .json): letters, digits, '.', '_', '-'."""
+    if not ID_PATTERN.match(value):
+        raise ValueError(
+            "must start with a letter or digit and hold only letters, digits, '.', '_' and '-'"
+        )
+    return value
 
 
 def _duration(value: Any) -> timedelta:
@@ -83,7 +92,9 @@ def _check_timezone(v: str) -> str:
     try:
         ZoneInfo(v)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {v!r} (use an IANA name like 'Europe/Berlin')") from None
+        raise ValueError(
+            f"unknown time zone {v!r} (use an IANA name like 'Europe/Berlin')"
+        ) from None
     return v
 
 
@@ -91,7 +102,7 @@ TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 
 
 class IntervalSchedule(_Frozen):
-    """The original schedule: slots at reference + k*interval, re-aligned to the reference each day."""
+    """The original schedule: slots at reference + k*interval, re-aligned to the reference daily."""
 
     interval: Duration
     reference: time = time(0, 0)
@@ -127,18 +138,26 @@ class CronSchedule(_Frozen):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        from croniter import croniter
+        from croniter import CroniterBadDateError, croniter
 
         fields = v.split()
         if len(fields) not in (5, 6):
             raise ValueError(f"must have 5 or 6 fields (6: seconds first), not {len(fields)}")
         if not croniter.is_valid(v, second_at_beginning=True):
             raise ValueError(f"{v!r} is not a valid cron expression")
+        try:
+            # A valid expression may name no real date ("0 0 30 2 *"): it would never run,
+            # and the scheduler could not compute its next slot.
+            croniter(v, datetime(2001, 3, 1), second_at_beginning=len(fields) == 6).get_next(
+                datetime
+            )
+        except CroniterBadDateError:
+            raise ValueError(f"{v!r} never matches a date (like February 30)") from None
         return " ".join(fields)
 
 
 class EverySchedule(_Frozen):
-    """Every `every` of elapsed time; with `fuzzy`, at a stable offset inside the period from the job id."""
+    """Every `every` of elapsed time; `fuzzy`: at a stable offset inside it, from the job id."""
 
     every: Duration
     fuzzy: bool = False
@@ -153,10 +172,15 @@ class EverySchedule(_Frozen):
 
 
 Schedule = IntervalSchedule | CronSchedule | EverySchedule
+_SCHEDULE_KINDS: dict[str, type[BaseModel]] = {
+    "interval": IntervalSchedule,
+    "cron": CronSchedule,
+    "every": EverySchedule,
+}
 
 
 class Retries(_Frozen):
-    """Attempts after the first one fails: `count` more, waiting `backoff` * 2**(n-1), at most `max_backoff`."""
+    """After a failed attempt, `count` more, waiting `backoff` * 2**(n-1), at most `max_backoff`."""
 
     count: Annotated[int, Field(ge=0, le=100)] = 0
     backoff: Duration = timedelta(seconds=10)
@@ -210,11 +234,7 @@ class JobSpec(_Frozen):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not ID_PATTERN.match(v):
-            raise ValueError(
-                "must start with a letter or digit and hold only letters, digits, '.', '_' and '-'"
-            )
-        return v
+        return check_id(v)
 
     @field_validator("schedule", mode="before")
     @classmethod
@@ -224,8 +244,7 @@ class JobSpec(_Frozen):
             kinds = [k for k in ("interval", "cron", "every") if k in v]
             if len(kinds) != 1:
                 raise ValueError("must have exactly one of 'interval', 'cron' or 'every'")
-            model = {"interval": IntervalSchedule, "cron": CronSchedule, "every": EverySchedule}[kinds[0]]
-            return model.model_validate(v)
+            return _SCHEDULE_KINDS[kinds[0]].model_validate(v)
         return v
 
     @field_validator("retries", mode="before")
@@ -320,7 +339,7 @@ class NodeSpec(_Frozen):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        return JobSpec._id(v)  # type: ignore[operator]
+        return check_id(v)
 
     @model_validator(mode="after")
     def _options_match_type(self) -> NodeSpec:
@@ -331,5 +350,5 @@ class NodeSpec(_Frozen):
         return self
 
     def matches(self, roles: tuple[str, ...]) -> bool:
-        """A node matches a policy when it has at least one of its roles (or the policy names none)."""
+        """True when the node has at least one of ``roles`` (or ``roles`` is empty)."""
         return not roles or any(r in self.roles for r in roles)
