@@ -1,0 +1,458 @@
+"""The leader's scheduler: turns due slots into fenced run records.
+
+It runs only while this peer is leader (``start(epoch)`` / ``stop()``), on one
+thread. Each pass takes every due slot, decides each one's fate — run it
+(placed on node(s) and executing peer(s)), skip it (concurrency), or fail it
+(no eligible node) — and records the whole batch in one fenced
+``record_runs`` call together with the jobs' cursors. The executing peers
+learn of their runs from the store; the scheduler never runs a command, so a
+slow or noisy job cannot delay anybody's slot.
+
+Slots that fell due while no peer was leader (found from the cursors when
+leadership starts) follow each job's ``misfire`` policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from distcrond.clock import Clock
+from distcrond.config.loader import LoadedConfig
+from distcrond.config.models import JobSpec, MisfirePolicy
+from distcrond.coordination.base import CoordinationStore, FencedOut
+from distcrond.reporting.base import ReportStore
+from distcrond.runs import ACTIVE_STATES, RunRecord, RunReport, RunState, Trigger, run_id_for
+from distcrond.scheduling.placement import place
+from distcrond.scheduling.schedules import NoSlotError, next_slot, slots_between
+
+log = logging.getLogger("distcrond.scheduler")
+
+# Bounds on the work one catch-up may do for one job, so that a peer that was
+# down for a month with a 1 s job neither stalls nor floods the stores.
+MAX_CATCH_UP_RUNS = 1000
+MAX_MISSED_RECORDS = 1000
+PRUNE_EVERY = timedelta(seconds=60)
+
+
+@dataclass
+class _Batch:
+    """The runs decided in one pass, and the view of the cluster they were decided on."""
+
+    now: datetime
+    nodes_load: Counter[str]
+    peers_load: Counter[str]
+    active_by_job: defaultdict[str, list[RunRecord]]
+    live_peers: list[str]
+    records: list[RunRecord] = field(default_factory=list)
+    cursors: dict[str, datetime] = field(default_factory=dict)
+    cancels: list[str] = field(default_factory=list)
+
+
+class Scheduler:
+    """Schedules every enabled job while this peer leads. Thread-safe entry points."""
+
+    def __init__(
+        self,
+        coordination: CoordinationStore,
+        reports: ReportStore,
+        config: Callable[[], LoadedConfig],
+        clock: Clock,
+        supported_types: Collection[str],
+        retention: timedelta = timedelta(minutes=15),
+        on_fenced: Callable[[], None] | None = None,
+    ) -> None:
+        self._coordination = coordination
+        self._reports = reports
+        self._config = config
+        self._clock = clock
+        self._supported = tuple(supported_types)
+        self._retention = retention
+        self._on_fenced = on_fenced
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._config_dirty = False
+        self._triggers_dirty = True
+        self._thread: threading.Thread | None = None
+        self._epoch = 0
+        # Per job: the spec its next slot was computed with, and that next slot.
+        self._specs: dict[str, JobSpec] = {}
+        self._next: dict[str, datetime] = {}
+        self._heap: list[tuple[datetime, str]] = []
+        self._last_prune: datetime | None = None
+        self._bootstrapped = False
+
+    # -- control (any thread) --------------------------------------------------
+    def start(self, epoch: int, thread: bool = True) -> None:
+        """Begin scheduling as the leader of ``epoch`` (``thread=False``: tests call step())."""
+        if self._thread is not None:
+            raise RuntimeError("scheduler already running")
+        self._epoch = epoch
+        self._stop.clear()
+        self._config_dirty = False
+        self._triggers_dirty = True
+        if not thread:
+            return
+        self._thread = threading.Thread(target=self._main, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        if thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def config_changed(self) -> None:
+        self._config_dirty = True
+        self._wake.set()
+
+    def triggers_queued(self) -> None:
+        self._triggers_dirty = True
+        self._wake.set()
+
+    # -- the loop ----------------------------------------------------------------
+    def _main(self) -> None:
+        log.info("scheduler started (epoch %d)", self._epoch)
+        try:
+            while not self._stop.is_set():
+                self.step()
+                self._wake.wait(self._sleep_time())
+                self._wake.clear()
+        except FencedOut:
+            log.error("leadership lost: epoch %d is fenced out; scheduling stops", self._epoch)
+            self._stop.set()
+            if self._on_fenced is not None:
+                self._on_fenced()
+        finally:
+            self._specs.clear()
+            self._next.clear()
+            self._heap.clear()
+            self._bootstrapped = False
+            log.info("scheduler stopped (epoch %d)", self._epoch)
+
+    def _sleep_time(self) -> float:
+        if self._config_dirty or self._triggers_dirty:
+            return 0.0
+        if not self._heap:
+            return 1.0
+        return min(1.0, (self._heap[0][0] - self._clock.now()).total_seconds())
+
+    def step(self) -> None:
+        """One pass (the loop's body, public for tests that drive a fake clock): on the first,
+        settle missed slots; then apply config changes and triggers, record due slots, prune.
+        Never raises for a store problem (it logs, and the next pass retries), except FencedOut."""
+        try:
+            if not self._bootstrapped:
+                self._bootstrap()
+                self._bootstrapped = True
+            if self._config_dirty:
+                self._config_dirty = False
+                self._sync_config(self._clock.now())
+            if self._triggers_dirty:
+                self._triggers_dirty = False
+                self._take_triggers()
+            self._dispatch_due()
+            self._maybe_prune()
+        except FencedOut:
+            raise
+        except Exception:
+            log.exception("scheduler pass failed; retrying")
+            self._stop.wait(0.5)
+
+    def _bootstrap(self) -> None:
+        """On becoming leader: find where each job was, and settle what was missed meanwhile."""
+        self._specs.clear()
+        self._next.clear()
+        self._heap.clear()
+        cursors = self._coordination.cursors()
+        now = self._clock.now()
+        batch = self._new_batch(now)
+        for job in self._enabled_jobs():
+            self._specs[job.id] = job
+            cursor = cursors.get(job.id)
+            if cursor is not None and cursor < now:
+                self._catch_up(job, cursor, batch)
+            self._set_next(job, now)
+        self._commit(batch)
+
+    def _enabled_jobs(self) -> Iterable[JobSpec]:
+        return (job for job in self._config().jobs.values() if job.enabled)
+
+    def _set_next(self, job: JobSpec, after: datetime) -> None:
+        """Queue the job's first slot after ``after`` (none if its schedule has no more)."""
+        slot = _next_or_none(job, after)
+        if slot is None:
+            self._next.pop(job.id, None)
+            return
+        self._next[job.id] = slot
+        heapq.heappush(self._heap, (slot, job.id))
+
+    def _sync_config(self, now: datetime) -> None:
+        """Follow job files: new jobs start at their next slot, changed schedules are recomputed."""
+        current = {job.id: job for job in self._enabled_jobs()}
+        for job_id in list(self._specs):
+            if job_id not in current:
+                del self._specs[job_id]
+                self._next.pop(job_id, None)  # its heap entry becomes stale and is dropped
+        for job_id, job in current.items():
+            old = self._specs.get(job_id)
+            self._specs[job_id] = job
+            if old is None or old.schedule != job.schedule:
+                self._set_next(job, now)
+
+    def _dispatch_due(self) -> None:
+        now = self._clock.now()
+        due: list[tuple[datetime, str]] = []
+        while self._heap and self._heap[0][0] <= now:
+            slot, job_id = heapq.heappop(self._heap)
+            if self._next.get(job_id) == slot:  # else: stale entry of a changed/removed job
+                due.append((slot, job_id))
+        if not due:
+            return
+        batch = self._new_batch(now)
+        for slot, job_id in due:
+            job = self._specs[job_id]
+            self._decide(job, slot, Trigger.SCHEDULE, run_id_for(job.id, slot), batch)
+            batch.cursors[job_id] = slot
+            following = _next_or_none(job, slot)
+            if following is None:
+                del self._next[job_id]
+            else:
+                self._next[job_id] = following
+        try:
+            self._commit(batch)
+        except FencedOut:
+            raise
+        except Exception:
+            for slot, job_id in due:  # put them back: they are retried, late, next pass
+                self._next[job_id] = slot
+                heapq.heappush(self._heap, (slot, job_id))
+            raise
+        for _slot, job_id in due:
+            if job_id in self._next:
+                heapq.heappush(self._heap, (self._next[job_id], job_id))
+
+    # -- deciding one slot -------------------------------------------------------
+    def _new_batch(self, now: datetime) -> _Batch:
+        active = self._coordination.runs(states=ACTIVE_STATES)
+        by_job: defaultdict[str, list[RunRecord]] = defaultdict(list)
+        for run in active:
+            by_job[run.job_id].append(run)
+        return _Batch(
+            now=now,
+            nodes_load=Counter(r.node_id for r in active if r.node_id),
+            peers_load=Counter(r.peer_id for r in active if r.peer_id),
+            active_by_job=by_job,
+            live_peers=[p.peer_id for p in self._coordination.peers()],
+        )
+
+    def _decide(
+        self, job: JobSpec, slot: datetime, trigger: Trigger, base_run_id: str, batch: _Batch
+    ) -> None:
+        """Add the records of one slot to the batch: skipped, failed, or assigned run(s)."""
+        active = batch.active_by_job[job.id]
+        if active and trigger is not Trigger.MISFIRE:
+            if job.concurrency == "forbid":
+                batch.records.append(
+                    self._terminal(
+                        job,
+                        slot,
+                        trigger,
+                        base_run_id,
+                        RunState.SKIPPED,
+                        batch.now,
+                        f"concurrency forbid: run {active[0].run_id} "
+                        f"is still {active[0].state.value}",
+                    )
+                )
+                return
+            if job.concurrency == "replace":
+                batch.cancels.extend(r.run_id for r in active)
+        config = self._config()
+        placement = place(
+            job,
+            base_run_id,
+            config.nodes,
+            batch.live_peers,
+            batch.nodes_load,
+            batch.peers_load,
+            self._supported,
+        )
+        if not placement.assignments:
+            batch.records.append(
+                self._terminal(
+                    job, slot, trigger, base_run_id, RunState.FAILED, batch.now, placement.reason
+                )
+            )
+            return
+        per_node = job.policy.hosts != "any" and job.policy.hosts != 1
+        for assignment in placement.assignments:
+            run_id = f"{base_run_id}~{assignment.node_id}" if per_node else base_run_id
+            record = RunRecord(
+                run_id=run_id,
+                job_id=job.id,
+                slot=slot,
+                node_id=assignment.node_id,
+                peer_id=assignment.peer_id,
+                state=RunState.ASSIGNED,
+                trigger=trigger,
+                epoch=self._epoch,
+                created_at=batch.now,
+                at_least_once=job.delivery == "at_least_once",
+            )
+            batch.records.append(record)
+            batch.nodes_load[assignment.node_id] += 1
+            batch.peers_load[assignment.peer_id] += 1
+            active.append(record)
+
+    def _terminal(
+        self,
+        job: JobSpec,
+        slot: datetime,
+        trigger: Trigger,
+        run_id: str,
+        state: RunState,
+        now: datetime,
+        reason: str,
+    ) -> RunRecord:
+        return RunRecord(
+            run_id=run_id,
+            job_id=job.id,
+            slot=slot,
+            node_id=None,
+            peer_id=None,
+            state=state,
+            trigger=trigger,
+            epoch=self._epoch,
+            created_at=now,
+            ended_at=now,
+            reason=reason,
+        )
+
+    def _commit(self, batch: _Batch) -> None:
+        """Record the batch (fenced), then cancel what it replaces and report what ended at once."""
+        if not batch.records and not batch.cursors:
+            return
+        created = self._coordination.record_runs(self._epoch, batch.records, batch.cursors)
+        for run_id in batch.cancels:
+            self._coordination.request_cancel(run_id)
+        ended = [RunReport.from_record(r) for r in created if r.state.terminal]
+        if ended:
+            self._reports.write(ended)
+            for report in ended:
+                log.warning("run %s: %s (%s)", report.run_id, report.state.value, report.reason)
+
+    # -- misfires ------------------------------------------------------------------
+    def _catch_up(self, job: JobSpec, cursor: datetime, batch: _Batch) -> None:
+        """Settle the slots in (cursor, now]: run some by the misfire policy, the rest missed."""
+        now = batch.now
+        horizon = max(cursor, now - job.misfire.grace)
+        missed = _bounded(slots_between(job.schedule, job.id, cursor, horizon), MAX_MISSED_RECORDS)
+        catchable = list(slots_between(job.schedule, job.id, horizon, now))
+        policy = job.misfire.policy
+        if policy is MisfirePolicy.SKIP:
+            to_run: list[datetime] = []
+        elif policy is MisfirePolicy.RUN_ONCE:
+            to_run = catchable[-1:]
+        else:
+            to_run = catchable[-MAX_CATCH_UP_RUNS:]
+        running = set(to_run)
+        dropped = [s for s in catchable if s not in running]
+        for slot in [*missed.items, *dropped]:
+            batch.records.append(
+                self._terminal(
+                    job,
+                    slot,
+                    Trigger.MISFIRE,
+                    run_id_for(job.id, slot),
+                    RunState.MISSED,
+                    now,
+                    f"fell due while no peer was leader (misfire: {policy.value})",
+                )
+            )
+        if missed.more:
+            log.warning(
+                "job %s: more than %d slots after %s were missed; only the first are recorded",
+                job.id,
+                MAX_MISSED_RECORDS,
+                cursor,
+            )
+        for slot in to_run:
+            self._decide(job, slot, Trigger.MISFIRE, run_id_for(job.id, slot), batch)
+        if catchable or missed.items:
+            batch.cursors[job.id] = max([*catchable, *missed.items])
+
+    # -- triggers and housekeeping --------------------------------------------------
+    def _take_triggers(self) -> None:
+        requests = self._coordination.pending_triggers()
+        if not requests:
+            return
+        jobs = self._config().jobs
+        batch = self._new_batch(self._clock.now())
+        for request in requests:
+            job = jobs.get(request.job_id)
+            if job is None:
+                batch.records.append(
+                    RunRecord(
+                        run_id=request.run_id,
+                        job_id=request.job_id,
+                        slot=request.slot,
+                        node_id=None,
+                        peer_id=None,
+                        state=RunState.FAILED,
+                        trigger=Trigger.MANUAL,
+                        epoch=self._epoch,
+                        created_at=batch.now,
+                        ended_at=batch.now,
+                        reason=f"job {request.job_id} is not defined",
+                    )
+                )
+            else:
+                self._decide(job, request.slot, Trigger.MANUAL, request.run_id, batch)
+        self._commit(batch)
+        for request in requests:
+            self._coordination.remove_trigger(request.run_id)
+
+    def _maybe_prune(self) -> None:
+        now = self._clock.now()
+        if self._last_prune is not None and now - self._last_prune < PRUNE_EVERY:
+            return
+        self._last_prune = now
+        pruned = self._coordination.prune_runs(now - self._retention)
+        if pruned:
+            log.info("pruned %d finished run records older than %s", pruned, self._retention)
+
+
+def _next_or_none(job: JobSpec, after: datetime) -> datetime | None:
+    try:
+        return next_slot(job.schedule, job.id, after)
+    except NoSlotError:
+        log.warning("job %s: its schedule has no slot after %s", job.id, after)
+        return None
+
+
+@dataclass
+class _Bounded:
+    items: list[datetime]
+    more: bool
+
+
+def _bounded(slots: Iterable[datetime], limit: int) -> _Bounded:
+    items: list[datetime] = []
+    for slot in slots:
+        if len(items) == limit:
+            return _Bounded(items, True)
+        items.append(slot)
+    return _Bounded(items, False)

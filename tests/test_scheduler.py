@@ -1,0 +1,335 @@
+"""The scheduler's decisions, driven step by step on a fake clock over the real SQLite stores."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distcrond.clock import FakeClock
+from distcrond.config.loader import LoadedConfig
+from distcrond.config.models import CronSchedule, JobSpec, NodeSpec
+from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
+from distcrond.coordination.sqlite import SQLiteCoordinationStore
+from distcrond.reporting.base import RunQuery
+from distcrond.reporting.sqlite import SQLiteReportStore
+from distcrond.runs import RunRecord, RunState, Trigger, run_id_for
+from distcrond.scheduling.scheduler import Scheduler
+
+T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+
+class Epochs:
+    """A leadership listener that remembers the epoch it was given."""
+
+    def __init__(self) -> None:
+        self.epochs: list[int] = []
+        self.event = threading.Event()
+
+    def establish_leadership(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+        self.event.set()
+
+    def revoke_leadership(self) -> None:
+        pass
+
+
+def make_job(job_id: str, **fields: Any) -> JobSpec:
+    spec: dict[str, Any] = {"id": job_id, "schedule": {"interval": "1s"}, "command": ["/bin/true"]}
+    spec.update(fields)
+    return JobSpec.model_validate(spec)
+
+
+def local_node(node_id: str, roles: list[str] | None = None) -> NodeSpec:
+    return NodeSpec.model_validate(
+        {"id": node_id, "roles": roles or [], "connection_type": "local"}
+    )
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.clock = FakeClock(T0)
+        self.coordination = SQLiteCoordinationStore(tmp / "c.sqlite3", clock=self.clock)
+        self.reports = SQLiteReportStore(tmp / "r.sqlite3")
+        self.config = LoadedConfig.build({}, {"n1": local_node("n1")})
+        self.coordination.register_peer(PeerInfo("p1", "http://x", T0, "test"))
+        self.fenced = threading.Event()
+        self.scheduler = self.new_scheduler()
+
+    def new_scheduler(self) -> Scheduler:
+        return Scheduler(
+            self.coordination,
+            self.reports,
+            lambda: self.config,
+            self.clock,
+            ["local"],
+            on_fenced=self.fenced.set,
+        )
+
+    def set_jobs(self, *jobs: JobSpec, nodes: dict[str, NodeSpec] | None = None) -> None:
+        self.config = LoadedConfig.build({j.id: j for j in jobs}, nodes or dict(self.config.nodes))
+        self.scheduler.config_changed()
+
+    def lead(self, scheduler: Scheduler | None = None) -> int:
+        """Win an election and start the scheduler (its first step() settles the past)."""
+        listener = Epochs()
+        self.coordination.stop_election()
+        self.coordination.start_election("p1", listener)
+        assert listener.event.wait(5)
+        (scheduler or self.scheduler).start(listener.epochs[-1], thread=False)
+        return listener.epochs[-1]
+
+    def at(self, seconds: float) -> None:
+        """Move to T0 + seconds and run one scheduler pass."""
+        self.clock.set(T0 + timedelta(seconds=seconds))
+        self.scheduler.step()
+
+    def records(self, **filters: Any) -> list[RunRecord]:
+        return self.coordination.runs(**filters)
+
+    def close(self) -> None:
+        self.coordination.close()
+        self.reports.close()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.close()
+
+
+def test_due_slot_is_recorded_once_and_assigned(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0.5)
+    assert h.records() == []
+    h.at(1.0)
+    h.at(1.0)
+    h.at(1.2)
+    (run,) = h.records()
+    assert run.run_id == run_id_for("tick", T0 + timedelta(seconds=1))
+    assert (run.state, run.node_id, run.peer_id, run.trigger) == (
+        RunState.ASSIGNED,
+        "n1",
+        "p1",
+        Trigger.SCHEDULE,
+    )
+    assert h.coordination.cursors() == {"tick": T0 + timedelta(seconds=1)}
+
+
+def test_late_pass_records_every_slot_it_overslept(h: Harness) -> None:
+    h.set_jobs(make_job("tick", concurrency="allow"))
+    h.lead()
+    h.at(0)
+    h.at(3.5)  # one pass, three due slots: recorded in order, none lost
+    h.at(3.5)
+    h.at(3.5)
+    slots = [r.slot for r in h.records()]
+    assert slots == [T0 + timedelta(seconds=s) for s in (1, 2, 3)]
+
+
+def test_forbid_skips_a_slot_while_the_previous_run_is_active(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    h.at(2)
+    first, second = h.records()
+    assert first.state is RunState.ASSIGNED
+    assert second.state is RunState.SKIPPED and first.run_id in second.reason
+    report = h.reports.get(second.run_id)
+    assert report is not None and report.state is RunState.SKIPPED
+
+
+def test_allow_records_overlapping_runs(h: Harness) -> None:
+    h.set_jobs(make_job("tick", concurrency="allow"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    h.at(2)
+    assert [r.state for r in h.records()] == [RunState.ASSIGNED, RunState.ASSIGNED]
+
+
+def test_replace_asks_the_running_run_to_stop(h: Harness) -> None:
+    h.set_jobs(make_job("tick", concurrency="replace"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    h.at(2)
+    first, second = h.records()
+    assert first.cancel_requested and second.state is RunState.ASSIGNED
+
+
+def test_slot_with_no_eligible_node_is_recorded_failed_with_the_reason(h: Harness) -> None:
+    h.set_jobs(make_job("tick", policy={"roles": ["gpu"]}))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    (run,) = h.records()
+    assert run.state is RunState.FAILED and "gpu" in run.reason
+    report = h.reports.get(run.run_id)
+    assert report is not None and "gpu" in report.reason
+
+
+def test_hosts_all_records_one_run_per_node(h: Harness) -> None:
+    h.set_jobs(
+        make_job("tick", policy={"hosts": "all"}),
+        nodes={"a": local_node("a"), "b": local_node("b")},
+    )
+    h.lead()
+    h.at(0)
+    h.at(1)
+    base = run_id_for("tick", T0 + timedelta(seconds=1))
+    assert sorted(r.run_id for r in h.records()) == [f"{base}~a", f"{base}~b"]
+
+
+def test_disabled_and_removed_jobs_get_no_slots(h: Harness) -> None:
+    h.set_jobs(make_job("off", enabled=False), make_job("gone"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    assert [r.job_id for r in h.records()] == ["gone"]
+    h.set_jobs(make_job("off", enabled=False))
+    h.at(2)
+    h.at(3)
+    assert [r.job_id for r in h.records()] == ["gone"]
+
+
+def test_changed_schedule_takes_effect_at_once(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    h.lead()
+    h.at(0)
+    h.set_jobs(make_job("tick", schedule={"interval": "1s"}))
+    h.at(0.5)
+    h.at(1)
+    assert [r.slot for r in h.records()] == [T0 + timedelta(seconds=1)]
+
+
+def test_manual_trigger_is_recorded_under_the_requested_run_id(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    h.lead()
+    h.at(0)
+    slot = T0 + timedelta(seconds=0.25)
+    h.coordination.request_trigger(
+        TriggerRequest(run_id_for("tick", slot), "tick", slot, slot, "p1")
+    )
+    h.scheduler.triggers_queued()
+    h.at(0.3)
+    (run,) = h.records()
+    assert run.run_id == run_id_for("tick", slot) and run.trigger is Trigger.MANUAL
+    assert h.coordination.pending_triggers() == []
+
+
+def test_manual_trigger_of_an_unknown_job_is_recorded_failed(h: Harness) -> None:
+    h.lead()
+    h.at(0)
+    h.coordination.request_trigger(TriggerRequest(run_id_for("ghost", T0), "ghost", T0, T0, "p1"))
+    h.scheduler.triggers_queued()
+    h.at(0.1)
+    (run,) = h.records()
+    assert run.state is RunState.FAILED and "not defined" in run.reason
+
+
+def test_deposed_leader_writes_nothing(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    other = h.new_scheduler()
+    h.lead(other)  # a newer epoch: the first scheduler is fenced out
+    h.clock.set(T0 + timedelta(seconds=1))
+    with pytest.raises(FencedOut):
+        h.scheduler.step()
+    assert h.records() == []
+
+
+def restart_after_gap(h: Harness, job: JobSpec, gap_to: float) -> list[RunRecord]:
+    """Run a job's slots 1-2 as leader, lose leadership, and take it back at T0+gap_to."""
+    h.set_jobs(job)
+    h.lead()
+    h.at(0)
+    h.at(1)
+    h.at(2)
+    for run in h.records():
+        h.coordination.finish_run(run.run_id, RunState.SUCCEEDED, ended_at=h.clock.now())
+    h.scheduler = h.new_scheduler()
+    h.lead()
+    h.at(gap_to)
+    return [r for r in h.records() if r.slot > T0 + timedelta(seconds=2)]
+
+
+def test_misfire_skip_records_every_missed_slot_as_missed(h: Harness) -> None:
+    runs = restart_after_gap(h, make_job("tick", misfire="skip"), 6.5)
+    assert [(r.slot, r.state) for r in runs] == [
+        (T0 + timedelta(seconds=s), RunState.MISSED) for s in (3, 4, 5, 6)
+    ]
+
+
+def test_misfire_run_once_runs_the_newest_missed_slot(h: Harness) -> None:
+    runs = restart_after_gap(h, make_job("tick", misfire="run_once"), 6.5)
+    assert [r.state for r in runs] == [RunState.MISSED] * 3 + [RunState.ASSIGNED]
+    assert runs[-1].slot == T0 + timedelta(seconds=6) and runs[-1].trigger is Trigger.MISFIRE
+
+
+def test_misfire_run_all_runs_every_missed_slot(h: Harness) -> None:
+    runs = restart_after_gap(h, make_job("tick", misfire="run_all"), 6.5)
+    assert [r.state for r in runs] == [RunState.ASSIGNED] * 4
+    assert [r.slot for r in runs] == [T0 + timedelta(seconds=s) for s in (3, 4, 5, 6)]
+
+
+def test_misfire_grace_bounds_what_is_caught_up(h: Harness) -> None:
+    runs = restart_after_gap(h, make_job("tick", misfire={"policy": "run_all", "grace": "2s"}), 6.5)
+    states = {r.slot: r.state for r in runs}
+    assert states[T0 + timedelta(seconds=3)] is RunState.MISSED
+    assert states[T0 + timedelta(seconds=4)] is RunState.MISSED
+    assert states[T0 + timedelta(seconds=5)] is RunState.ASSIGNED
+    assert states[T0 + timedelta(seconds=6)] is RunState.ASSIGNED
+
+
+def test_after_catch_up_the_schedule_goes_on_without_gap_or_double(h: Harness) -> None:
+    restart_after_gap(h, make_job("tick", misfire="run_all", concurrency="allow"), 6.5)
+    h.at(7)
+    h.at(8)
+    slots = [r.slot for r in h.records()]
+    assert slots == [T0 + timedelta(seconds=s) for s in range(1, 9)]
+    assert len({r.run_id for r in h.records()}) == 8
+
+
+def test_missed_slots_are_reported(h: Harness) -> None:
+    restart_after_gap(h, make_job("tick", misfire="skip"), 4.5)
+    page = h.reports.list_runs(RunQuery(job_id="tick", states=(RunState.MISSED,)))
+    assert len(page.runs) == 2
+    assert all("no peer was leader" in r.reason for r in page.runs)
+
+
+def test_threaded_scheduler_records_slots_and_stops(h: Harness) -> None:
+    """The real loop on a thread: it wakes for a trigger, records it, and stops on request."""
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    listener = Epochs()
+    h.coordination.start_election("p1", listener)
+    assert listener.event.wait(5)
+    h.scheduler.start(listener.epochs[-1])
+    h.coordination.request_trigger(TriggerRequest(run_id_for("tick", T0), "tick", T0, T0, "p1"))
+    h.scheduler.triggers_queued()
+    deadline = threading.Event()
+    for _ in range(500):
+        if h.records():
+            break
+        deadline.wait(0.01)
+    h.scheduler.stop()
+    assert [r.trigger for r in h.records()] == [Trigger.MANUAL]
+    assert not h.scheduler.running
+
+
+def test_a_schedule_that_never_fires_does_not_stop_other_jobs(h: Harness) -> None:
+    # Validation refuses such a file; a schedule can still run out (defence in depth).
+    never = CronSchedule.model_construct(cron="0 0 30 2 *", timezone="UTC")
+    h.set_jobs(make_job("feb30").model_copy(update={"schedule": never}), make_job("tick"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    assert [r.job_id for r in h.records()] == ["tick"]
