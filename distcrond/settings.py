@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,10 @@ class Settings:
     # Coordination goes to ZooKeeper when set (a later issue), else to SQLite.
     zookeeper: str | None = None
     max_concurrent_runs: int = 256
-    run_retention_hours: float = 24.0
+    # Finished run records leave the coordination store after this (history stays in reports).
+    run_retention_seconds: float = 900.0
+    # On SIGTERM, running runs get this long to finish before they are stopped.
+    shutdown_grace: float = 10.0
 
     @property
     def coordination_db(self) -> Path:
@@ -32,6 +36,10 @@ class Settings:
     @property
     def reports_db(self) -> Path:
         return self.state_dir / "reports.sqlite3"
+
+    @property
+    def run_retention(self) -> timedelta:
+        return timedelta(seconds=self.run_retention_seconds)
 
     @property
     def api_url(self) -> str:
@@ -51,7 +59,8 @@ class Settings:
             "es_urls": list(self.es_urls),
             "zookeeper": self.zookeeper,
             "max_concurrent_runs": self.max_concurrent_runs,
-            "run_retention_hours": self.run_retention_hours,
+            "run_retention_seconds": self.run_retention_seconds,
+            "shutdown_grace": self.shutdown_grace,
         }
 
     @classmethod
@@ -68,5 +77,6 @@ class Settings:
             es_urls=tuple(data.get("es_urls", ())),
             zookeeper=data.get("zookeeper"),
             max_concurrent_runs=int(data.get("max_concurrent_runs", 256)),
-            run_retention_hours=float(data.get("run_retention_hours", 24.0)),
+            run_retention_seconds=float(data.get("run_retention_seconds", 900.0)),
+            shutdown_grace=float(data.get("shutdown_grace", 10.0)),
         )

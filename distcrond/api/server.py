@@ -29,7 +29,7 @@ from gunicorn.app.base import BaseApplication
 
 from distcrond.api.app import create_app
 from distcrond.coordination.base import CoordinationStore
-from distcrond.logs import configure_logging
+from distcrond.logs import configure_logging, logging_config
 from distcrond.reporting.base import ReportStore
 from distcrond.settings import Settings
 from distcrond.stores import open_coordination, open_reports
@@ -65,6 +65,9 @@ class APIServer(BaseApplication):
             # gunicorn >= 25 opens a control socket at one fixed path per user: several
             # peers on one host would fight over it, and nothing here uses it.
             "control_socket_disable": True,
+            # gunicorn's own messages go through the root handler configure_logging set
+            # up, so that --log-format json makes every line of the peer JSON.
+            "logconfig_dict": logging_config(self.settings.log_format, self.settings.log_level),
         }
 
     def load_config(self) -> None:

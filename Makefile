@@ -1,0 +1,53 @@
+# distcrond — two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+BIND ?= 127.0.0.1:8080
+STATE_DIR ?= var/state
+PYTEST_ARGS ?=
+
+.PHONY: run test unit integration lint typecheck bench check-config clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+## run: start a standalone peer on the example jobs, API on http://$(BIND)/api/v1/
+run: venv
+	@mkdir -p $(STATE_DIR)
+	@echo "distcrond: standalone peer on deploy/examples; API on http://$(BIND)/api/v1/jobs"
+	@echo "  try: $(BIN)/distcronctl --url http://$(BIND) jobs    (Ctrl-C stops the peer)"
+	exec $(BIN)/distcrond --jobs-dir deploy/examples/jobs.d --nodes-dir deploy/examples/nodes.d \
+		--state-dir $(STATE_DIR) --bind $(BIND) --peer-id $${DISTCRON_PEER_ID:-local}
+
+## test: lint, type-check, unit tests, then integration tests against real processes
+test: venv lint typecheck unit integration
+
+lint: venv
+	$(BIN)/ruff check distcrond tests integration
+	$(BIN)/ruff format --check distcrond tests integration
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+integration: venv
+	$(BIN)/python -m pytest integration --ignore=integration/bench $(PYTEST_ARGS)
+
+## bench: performance figures against a baseline measured in the same run (prints, never fails)
+bench: venv
+	$(BIN)/python -m integration.bench.standalone
+
+check-config: venv
+	$(BIN)/distcrond --check --jobs-dir deploy/examples/jobs.d --nodes-dir deploy/examples/nodes.d
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,5 @@
+import sys
+
+from distcrond.cli import main
+
+sys.exit(main())

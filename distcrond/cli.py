@@ -1,0 +1,230 @@
+"""The `distcrond` command: flags, DISTCRON_* environment variables, and the original's aliases.
+
+Every flag can also be set by an environment variable named in its help
+(a flag on the command line wins). The original program's flags
+(--jobsDirectory, --nodesDirectory, --esHost, --esPort) keep working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distcrond import __version__
+from distcrond.logs import configure_logging
+from distcrond.settings import Settings
+
+log = logging.getLogger("distcrond")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"DISTCRON_{name}", default)
+
+
+def _bind(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    from distcrond.config.durations import parse_duration
+
+    try:
+        return (
+            float(value)
+            if re.fullmatch(r"\d+(\.\d+)?", value)
+            else parse_duration(value).total_seconds()
+        )
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distcrond",
+        description="Distributed cron daemon: one peer of a distcrond cluster "
+        "(a cluster of one, with its state in SQLite, when no ZooKeeper is given).",
+    )
+    p.add_argument("--version", action="version", version=f"distcrond {__version__}")
+    p.add_argument(
+        "--jobs-dir",
+        "--jobsDirectory",
+        dest="jobs_dir",
+        type=Path,
+        default=Path(_env("JOBS_DIR", "/etc/distcron/jobs.d") or ""),
+        help="directory of job files (env DISTCRON_JOBS_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--nodes-dir",
+        "--nodesDirectory",
+        dest="nodes_dir",
+        type=Path,
+        default=Path(_env("NODES_DIR", "/etc/distcron/nodes.d") or ""),
+        help="directory of node files (env DISTCRON_NODES_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        dest="state_dir",
+        type=Path,
+        default=Path(_env("STATE_DIR", "/var/lib/distcron") or ""),
+        help="where the embedded stores keep their files "
+        "(env DISTCRON_STATE_DIR; default %(default)s)",
+    )
+    p.add_argument(
+        "--bind",
+        type=_bind,
+        default=_env("BIND", "127.0.0.1:8080"),
+        help="HOST:PORT of the REST API (env DISTCRON_BIND; default %(default)s)",
+    )
+    p.add_argument(
+        "--peer-id",
+        default=_env("PEER_ID", socket.gethostname()),
+        help="this peer's id (env DISTCRON_PEER_ID; default: the host name)",
+    )
+    p.add_argument(
+        "--api-workers",
+        type=_positive_int,
+        default=int(_env("API_WORKERS", "2") or 2),
+        help="gunicorn worker processes for the API "
+        "(env DISTCRON_API_WORKERS; default %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=_env("LOG_FORMAT", "text"),
+        help="log format on stderr (env DISTCRON_LOG_FORMAT; default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="(env DISTCRON_LOG_LEVEL; default %(default)s)",
+    )
+    p.add_argument(
+        "--max-concurrent-runs",
+        type=_positive_int,
+        default=int(_env("MAX_CONCURRENT_RUNS", "256") or 256),
+        help="runs this peer executes at once; more wait (env DISTCRON_MAX_CONCURRENT_RUNS)",
+    )
+    p.add_argument(
+        "--run-retention",
+        type=_seconds,
+        default=_seconds(_env("RUN_RETENTION", "15m") or "15m"),
+        help="how long finished run records stay in the coordination store; history stays in "
+        "the report store (env DISTCRON_RUN_RETENTION; default 15m)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=_seconds(_env("SHUTDOWN_GRACE", "10s") or "10s"),
+        help="on SIGTERM, how long running runs may finish before they are stopped "
+        "(env DISTCRON_SHUTDOWN_GRACE; default 10s)",
+    )
+    p.add_argument(
+        "--zookeeper",
+        default=_env("ZOOKEEPER"),
+        help="HOST:PORT,... of a ZooKeeper ensemble: cluster mode (env DISTCRON_ZOOKEEPER)",
+    )
+    p.add_argument(
+        "--es-url",
+        dest="es_urls",
+        action="append",
+        default=None,
+        help="Elasticsearch URL for run reports; repeatable (env DISTCRON_ES_URL, comma-separated)",
+    )
+    p.add_argument(
+        "--esHost",
+        "--es-host",
+        dest="es_host",
+        default=_env("ES_HOST"),
+        help="the original's Elasticsearch host (env DISTCRON_ES_HOST)",
+    )
+    p.add_argument(
+        "--esPort",
+        "--es-port",
+        dest="es_port",
+        type=_positive_int,
+        default=int(_env("ES_PORT", "9200") or 9200),
+        help="the original's Elasticsearch port (env DISTCRON_ES_PORT; default 9200)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the job and node files, print any errors, and exit (1 if any)",
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    es_urls = list(args.es_urls or [u for u in (_env("ES_URL") or "").split(",") if u])
+    if args.es_host:
+        es_urls.append(f"http://{args.es_host}:{args.es_port}")
+    return Settings(
+        jobs_dir=args.jobs_dir,
+        nodes_dir=args.nodes_dir,
+        state_dir=args.state_dir,
+        bind=args.bind,
+        peer_id=args.peer_id,
+        api_workers=args.api_workers,
+        log_format=args.log_format,
+        log_level=args.log_level,
+        es_urls=tuple(es_urls),
+        zookeeper=args.zookeeper or None,
+        max_concurrent_runs=args.max_concurrent_runs,
+        run_retention_seconds=args.run_retention,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def check(settings: Settings) -> int:
+    """--check: validate the files like the daemon would; errors on stdout, one per line."""
+    from distcrond.config.loader import ConfigRegistry
+
+    config = ConfigRegistry(settings.jobs_dir, settings.nodes_dir).reload()
+    for e in config.errors:
+        print(f"{e.file}: {e.field or '(file)'}: {e.reason}")
+    print(f"{len(config.jobs)} jobs, {len(config.nodes)} nodes, {len(config.errors)} errors")
+    return 1 if config.errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    configure_logging(settings.log_format, settings.log_level)
+    if args.check:
+        return check(settings)
+
+    from distcrond.api_process import APIStartError
+    from distcrond.coordination.sqlite import StateDirLocked
+    from distcrond.daemon import Daemon
+    from distcrond.stores import UnsupportedBackend
+
+    daemon = Daemon(settings)
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except (UnsupportedBackend, StateDirLocked, APIStartError) as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

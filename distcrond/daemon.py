@@ -1,0 +1,165 @@
+"""The daemon: the one place that starts and stops a peer's components, in order.
+
+Start: state lock → stores → config (+ watcher) → runners → executor →
+membership → API process → election (the scheduler runs while leader).
+Stop: the reverse, so that leadership is handed over first and the stores
+close last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from contextlib import ExitStack
+from types import FrameType
+
+from distcrond import __version__
+from distcrond.api_process import APIProcess
+from distcrond.clock import Clock
+from distcrond.config.loader import ConfigRegistry, LoadedConfig
+from distcrond.config.watcher import ConfigWatcher
+from distcrond.coordination.base import ConfigSnapshot, CoordinationStore, PeerInfo
+from distcrond.execution.base import Runner
+from distcrond.execution.executor import Executor
+from distcrond.execution.local import LocalRunner
+from distcrond.leadership import LeadershipMonitor
+from distcrond.scheduling.scheduler import Scheduler
+from distcrond.settings import Settings
+from distcrond.stores import open_coordination, open_reports
+
+log = logging.getLogger("distcrond.daemon")
+
+
+def snapshot_of(peer_id: str, config: LoadedConfig) -> ConfigSnapshot:
+    """The JSON form of a loaded config, as published for the API and the other peers."""
+    return ConfigSnapshot(
+        peer_id=peer_id,
+        digest=config.digest,
+        jobs={k: v.model_dump(mode="json") for k, v in config.jobs.items()},
+        nodes={k: v.model_dump(mode="json") for k, v in config.nodes.items()},
+        errors=[e.to_json() for e in config.errors],
+        loaded_at=config.loaded_at,
+    )
+
+
+class Daemon:
+    """One peer. ``run()`` blocks until ``request_stop()`` (or SIGTERM/SIGINT)."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or Clock()
+        self._stop = threading.Event()
+        self._started_at = self.clock.now()
+        self._coordination: CoordinationStore | None = None
+        self._registry = ConfigRegistry(settings.jobs_dir, settings.nodes_dir)
+        self._scheduler: Scheduler | None = None
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> int:
+        s = self.settings
+        with ExitStack() as stack:
+            s.state_dir.mkdir(parents=True, exist_ok=True)
+            from distcrond.coordination.sqlite import acquire_state_lock
+
+            stack.enter_context(acquire_state_lock(s.state_dir))
+            coordination = open_coordination(s)
+            stack.callback(coordination.close)
+            self._coordination = coordination
+            reports = open_reports(s)
+            stack.callback(reports.close)
+
+            config = self._registry.reload()
+            for error in config.errors:
+                log.warning(
+                    "config error in %s: %s: %s", error.file, error.field or "-", error.reason
+                )
+            log.info("loaded %d jobs and %d nodes", len(config.jobs), len(config.nodes))
+
+            local = LocalRunner(clock=self.clock)
+            stack.callback(local.close)
+            runners: dict[str, Runner] = {"local": local}
+
+            executor = Executor(
+                coordination,
+                reports,
+                runners,
+                lambda: self._registry.current,
+                s.peer_id,
+                self.clock,
+                s.max_concurrent_runs,
+            )
+            executor.start()
+            stack.callback(executor.stop, s.shutdown_grace)
+
+            self._publish(config)
+            stack.callback(coordination.unregister_peer, s.peer_id)
+
+            api = APIProcess(s)
+            api.start()
+            stack.callback(api.stop)
+            log.info("API listening on http://%s/api/v1/ (peer %s)", s.bind, s.peer_id)
+
+            scheduler = Scheduler(
+                coordination,
+                reports,
+                lambda: self._registry.current,
+                self.clock,
+                supported_types=runners.keys(),
+                retention=s.run_retention,
+                on_fenced=self.request_stop,
+            )
+            self._scheduler = scheduler
+            coordination.watch_triggers(scheduler.triggers_queued)
+
+            watcher = ConfigWatcher(self._registry, self._on_config)
+            watcher.start()
+            stack.callback(watcher.stop)
+
+            monitor = LeadershipMonitor(scheduler)
+            coordination.start_election(s.peer_id, monitor)
+            stack.callback(coordination.stop_election)
+
+            self._stop.wait()
+            log.info("stopping peer %s", s.peer_id)
+        log.info("peer %s stopped", s.peer_id)
+        return 0
+
+    def _on_config(self, config: LoadedConfig) -> None:
+        log.info(
+            "config reloaded: %d jobs, %d nodes, %d errors",
+            len(config.jobs),
+            len(config.nodes),
+            len(config.errors),
+        )
+        self._publish(config)
+        if self._scheduler is not None:
+            self._scheduler.config_changed()
+
+    def _publish(self, config: LoadedConfig) -> None:
+        assert self._coordination is not None
+        s = self.settings
+        self._coordination.publish_config(snapshot_of(s.peer_id, config))
+        self._coordination.register_peer(
+            PeerInfo(
+                peer_id=s.peer_id,
+                api_url=s.api_url,
+                started_at=self._started_at,
+                version=__version__,
+                config_digest=config.digest,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            )
+        )

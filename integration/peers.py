@@ -1,0 +1,232 @@
+"""Real distcrond peers as subprocesses, for the integration tests and benchmarks.
+
+A :class:`Peer` is the real `distcrond` console script (with its real gunicorn
+API and real SQLite files) on a temporary config; tests talk to it only
+through its HTTP API, its files, and signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+
+T = TypeVar("T")
+DISTCROND = str(Path(sys.executable).with_name("distcrond"))
+DISTCRONCTL = str(Path(sys.executable).with_name("distcronctl"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as e:  # the condition may fail while things start up
+            last_error = e
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}"
+            )
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """All descendants of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@dataclass
+class Peer:
+    """One distcrond daemon on a private config and state directory."""
+
+    root: Path
+    peer_id: str = "peer-a"
+    extra_args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        for d in (self.jobs_dir, self.nodes_dir, self.state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs.d"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.root / "nodes.d"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.peer_id}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_job(self, job_id: str, spec: dict[str, Any] | str) -> Path:
+        """Write a job file atomically (as config sync tools do): temp file, then rename."""
+        return self._write(self.jobs_dir, job_id, spec)
+
+    def write_node(self, node_id: str, spec: dict[str, Any] | str) -> Path:
+        return self._write(self.nodes_dir, node_id, spec)
+
+    @staticmethod
+    def _write(directory: Path, name: str, spec: dict[str, Any] | str) -> Path:
+        path = directory / f"{name}.json"
+        tmp = directory / f".{name}.json.tmp"
+        tmp.write_text(spec if isinstance(spec, str) else json.dumps(spec))
+        tmp.rename(path)
+        return path
+
+    def start(self, wait: bool = True) -> Peer:
+        argv = [
+            DISTCROND,
+            "--jobs-dir",
+            str(self.jobs_dir),
+            "--nodes-dir",
+            str(self.nodes_dir),
+            "--state-dir",
+            str(self.state_dir),
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--peer-id",
+            self.peer_id,
+            "--api-workers",
+            "2",
+            *self.extra_args,
+        ]
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout: float = 20.0) -> dict[str, Any]:
+        def healthy() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"distcrond exited with {self.proc.returncode}:\n{self.log()}")
+            r = requests.get(f"{self.url}/api/v1/health", timeout=2)
+            return r.json() if r.status_code == 200 and r.json().get("is_leader") else None
+
+        return wait_for(healthy, timeout, f"{self.peer_id} to be healthy and leader")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, **params: Any) -> requests.Response:
+        return requests.get(f"{self.url}{path}", params=params, timeout=5)
+
+    def post(self, path: str, body: Any = None) -> requests.Response:
+        return requests.post(f"{self.url}{path}", json=body, timeout=5)
+
+    def run_state(self, run_id: str) -> str | None:
+        r = self.get(f"/api/v1/runs/{run_id}")
+        return r.json().get("state") if r.status_code == 200 else None
+
+    def wait_run(
+        self, run_id: str, states: tuple[str, ...], timeout: float = 15.0
+    ) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            r = self.get(f"/api/v1/runs/{run_id}")
+            body = r.json() if r.status_code == 200 else {}
+            return body if body.get("state") in states else None
+
+        return wait_for(reached, timeout, f"run {run_id} to reach {states}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Stop everything this peer started, whatever state it is in (fixture teardown)."""
+        if self.proc is None:
+            return
+        descendants = children_of(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in descendants:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def ledger_lines(path: Path) -> list[list[str]]:
+    """The complete lines a job appended to ``path``, split on spaces."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [line.split() for line in text.splitlines()[: text.count("\n")] if line.strip()]

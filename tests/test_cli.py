@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from distcrond.cli import build_parser, main, settings_from_args
+from distcrond.logs import configure_logging
+
+
+def settings(*argv: str):  # type: ignore[no-untyped-def]
+    return settings_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_defaults_are_the_original_directories() -> None:
+    s = settings()
+    assert s.jobs_dir == Path("/etc/distcron/jobs.d")
+    assert s.nodes_dir == Path("/etc/distcron/nodes.d")
+    assert s.bind == "127.0.0.1:8080" and s.es_urls == () and s.zookeeper is None
+
+
+def test_the_original_flags_are_aliases() -> None:
+    s = settings(
+        "--jobsDirectory=/foo/jobs",
+        "--nodesDirectory=/foo/nodes",
+        "--esHost=es.host",
+        "--esPort=9201",
+    )
+    assert s.jobs_dir == Path("/foo/jobs") and s.nodes_dir == Path("/foo/nodes")
+    assert s.es_urls == ("http://es.host:9201",)
+
+
+def test_environment_variables_set_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTCRON_JOBS_DIR", "/env/jobs")
+    monkeypatch.setenv("DISTCRON_BIND", "0.0.0.0:9000")
+    monkeypatch.setenv("DISTCRON_PEER_ID", "from-env")
+    monkeypatch.setenv("DISTCRON_SHUTDOWN_GRACE", "1m")
+    s = settings("--bind", "127.0.0.1:9001")
+    assert s.jobs_dir == Path("/env/jobs") and s.peer_id == "from-env"
+    assert s.bind == "127.0.0.1:9001" and s.shutdown_grace == 60.0
+
+
+def test_durations_and_seconds_are_accepted_for_time_flags() -> None:
+    assert settings("--run-retention", "1h").run_retention_seconds == 3600
+    assert settings("--shutdown-grace", "2.5").shutdown_grace == 2.5
+
+
+@pytest.mark.parametrize(
+    "argv", [["--bind", "nope"], ["--api-workers", "0"], ["--log-format", "xml"]]
+)
+def test_bad_flags_exit_with_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_check_reports_bad_files_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "jobs" / "bad.json").write_text('{"schedule": {"every": "1x"}, "command": ["x"]}')
+    code = main(
+        ["--check", "--jobs-dir", str(tmp_path / "jobs"), "--nodes-dir", str(tmp_path / "nodes")]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "bad.json: schedule.every:" in out
+
+
+def test_unsupported_backend_is_a_clear_startup_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    code = main(
+        [
+            "--state-dir",
+            str(tmp_path),
+            "--jobs-dir",
+            str(tmp_path),
+            "--nodes-dir",
+            str(tmp_path),
+            "--esHost",
+            "localhost",
+            "--bind",
+            "127.0.0.1:1",
+        ]
+    )
+    assert code == 2
+
+
+def test_json_logs_are_one_object_per_line_with_extra_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "INFO")
+    try:
+        logging.getLogger("distcrond.test").info("ran %s", "x", extra={"run_id": "j@t"})
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        entry = json.loads(line)
+        assert entry["msg"] == "ran x" and entry["run_id"] == "j@t" and entry["level"] == "info"
+    finally:
+        configure_logging("text", "WARNING")
