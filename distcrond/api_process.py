@@ -8,6 +8,7 @@ stores and never the daemon's memory. The daemon restarts it if it dies.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,16 +33,27 @@ def _host_port(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_bindable(bind: str) -> None:
-    """Fail fast, with the address, when the API address cannot be bound (in use, not local)."""
+def check_bindable(bind: str, patience: float = 5.0) -> None:
+    """Fail fast, with the address, when the API address cannot be bound (in use, not local).
+
+    An address in use is retried for ``patience`` seconds: after a crash, the previous
+    API server may still be on its way out (it is told to stop when the daemon dies).
+    """
     host, port = _host_port(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise APIStartError(f"cannot listen on {bind} for the API: {e.strerror}") from None
+    deadline = time.monotonic() + patience
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise APIStartError(
+                        f"cannot listen on {bind} for the API: {e.strerror}"
+                    ) from None
+        time.sleep(0.1)
 
 
 def _accepting(bind: str) -> bool:

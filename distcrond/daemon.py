@@ -26,6 +26,7 @@ from distcrond.execution.base import Runner
 from distcrond.execution.executor import Executor
 from distcrond.execution.local import LocalRunner
 from distcrond.leadership import LeadershipMonitor
+from distcrond.runs import ACTIVE_STATES
 from distcrond.scheduling.scheduler import Scheduler
 from distcrond.settings import Settings
 from distcrond.stores import open_coordination, open_reports
@@ -101,7 +102,7 @@ class Daemon:
                 self.clock,
                 s.max_concurrent_runs,
             )
-            executor.start()
+            executor.start(adopt_from=self._dead_peers(coordination) if not s.zookeeper else ())
             stack.callback(executor.stop, s.shutdown_grace)
 
             self._publish(config)
@@ -136,6 +137,18 @@ class Daemon:
             log.info("stopping peer %s", s.peer_id)
         log.info("peer %s stopped", s.peer_id)
         return 0
+
+    def _dead_peers(self, coordination: CoordinationStore) -> set[str]:
+        """Standalone: the state lock proves no other peer uses these files, so every other
+        peer on record is gone (a peer id changed across a crash): forget them, adopt their runs.
+        """
+        dead = {p.peer_id for p in coordination.peers()}
+        dead |= {r.peer_id for r in coordination.runs(states=ACTIVE_STATES) if r.peer_id}
+        dead.discard(self.settings.peer_id)
+        for peer_id in dead:
+            log.warning("peer %s is gone; this peer takes over its unfinished runs", peer_id)
+            coordination.unregister_peer(peer_id)
+        return dead
 
     def _on_config(self, config: LoadedConfig) -> None:
         log.info(

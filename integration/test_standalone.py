@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import datetime, timedelta
@@ -295,3 +296,39 @@ def test_sigint_stops_the_peer_like_sigterm(peer: Peer) -> None:
     peer.signal(signal.SIGINT)
     assert peer.proc is not None
     assert peer.proc.wait(30) == 0
+
+
+def test_run_interrupted_by_a_crash_ends_unknown_and_is_not_run_again(
+    peer: Peer, tmp_path: Path
+) -> None:
+    starts = tmp_path / "starts"
+    peer.write_job(
+        "crashy",
+        {
+            "schedule": {"interval": "24h"},
+            "shell": True,
+            "command": f"echo $$ >> {starts}; exec sleep 300",
+        },
+    )
+    peer.start()
+    run_id = peer.post("/api/v1/jobs/crashy/runs").json()["run_id"]
+    (pid,) = wait_for(lambda: [int(x[0]) for x in ledger_lines(starts)], 15, "the run to start")
+    peer.signal(signal.SIGKILL)
+    assert peer.proc is not None
+    peer.proc.wait(10)
+    os.kill(pid, signal.SIGKILL)  # a crashed peer cannot stop its children; the test does
+
+    peer.start()
+    run = peer.wait_run(run_id, ("unknown",))
+    assert "outcome unknown" in run["reason"]
+    assert len(ledger_lines(starts)) == 1
+
+
+def test_api_address_in_use_is_a_clear_startup_error(peer: Peer) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", peer.port))
+        squatter.listen()
+        peer.start(wait=False)
+        assert peer.proc is not None
+        assert peer.proc.wait(30) == 2
+    assert f"cannot listen on 127.0.0.1:{peer.port}" in peer.log()

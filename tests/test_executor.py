@@ -240,3 +240,27 @@ def test_stop_cancels_runs_still_going_after_the_grace(h: Harness, tmp_path: Pat
         report is not None and report.state is RunState.FAILED and "shutting down" in report.reason
     )
     assert report.trigger is Trigger.SCHEDULE
+
+
+def test_runs_of_a_peer_known_to_be_gone_are_adopted_or_settled(h: Harness) -> None:
+    h.job("orphan")
+    slot = datetime.now(UTC)
+    never_started = RunRecord(
+        run_id=run_id_for("orphan", slot),
+        job_id="orphan",
+        slot=slot,
+        node_id="n1",
+        peer_id="old",
+        state=RunState.ASSIGNED,
+        epoch=h.epoch,
+    )
+    was_running = never_started.replace(run_id=run_id_for("orphan", slot, "n1"))
+    h.coordination.record_runs(h.epoch, [never_started, was_running])
+    h.coordination.claim_run(was_running.run_id, "old", slot)
+
+    h.executor.start(adopt_from=["old"])
+
+    adopted = h.wait_report(never_started.run_id)
+    assert adopted.state is RunState.SUCCEEDED and adopted.peer_id == "p1"
+    interrupted = h.wait_report(was_running.run_id)
+    assert interrupted.state is RunState.UNKNOWN and "old" in interrupted.reason
