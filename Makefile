@@ -37,10 +37,13 @@ typecheck: venv
 	$(BIN)/mypy
 
 unit: venv
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not zookeeper" $(PYTEST_ARGS)
 
+# Everything that starts real processes: integration/, and the contract suites'
+# parameters for the real backends (tests/contract/, marked zookeeper).
 integration: venv
-	$(BIN)/python -m pytest integration --ignore=integration/bench $(PYTEST_ARGS)
+	$(BIN)/python -m pytest integration tests/contract --ignore=integration/bench \
+		-m "integration or zookeeper" $(PYTEST_ARGS)
 
 ## bench: performance figures against a baseline measured in the same run (prints, never fails)
 bench: venv

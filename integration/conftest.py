@@ -31,3 +31,11 @@ def peer(make_peer) -> Peer:  # type: ignore[no-untyped-def]
     p: Peer = make_peer()
     p.write_node("local", {"roles": ["web", "db"], "connection_type": "local"})
     return p
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under integration/ starts real processes: mark it so."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
