@@ -8,7 +8,7 @@ BIND ?= 127.0.0.1:8080
 STATE_DIR ?= var/state
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration lint typecheck bench check-config clean venv
+.PHONY: run test unit integration lint typecheck bench check-config clean venv services services-stop
 
 venv: $(STAMP)
 
@@ -48,6 +48,13 @@ integration: venv
 ## bench: performance figures against a baseline measured in the same run (prints, never fails)
 bench: venv
 	$(BIN)/python -m integration.bench.standalone
+
+## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package)
+services: venv
+	$(BIN)/python deploy/services/zookeeper.py start
+
+services-stop: venv
+	$(BIN)/python deploy/services/zookeeper.py stop
 
 check-config: venv
 	$(BIN)/distcrond --check --jobs-dir deploy/examples/jobs.d --nodes-dir deploy/examples/nodes.d

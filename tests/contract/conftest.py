@@ -7,6 +7,8 @@ marker, and builds an isolated store (its own chroot or index) per test.
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,10 @@ import pytest
 
 from distcrond.coordination.base import CoordinationStore
 from distcrond.reporting.base import ReportStore
+
+# Developers may point the ZooKeeper parameter at a server of their own
+# ("host:port"); by default it runs on the project's 3-server test ensemble.
+DEV_ZK_ENV = "DISTCRON_TEST_ZK"
 
 
 def _sqlite_coordination(tmp_path: Path) -> CoordinationStore:
@@ -23,17 +29,35 @@ def _sqlite_coordination(tmp_path: Path) -> CoordinationStore:
     return SQLiteCoordinationStore(tmp_path / "coordination.sqlite3", poll_interval=0.02)
 
 
+def _zookeeper_coordination(request: pytest.FixtureRequest) -> CoordinationStore:
+    from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
+
+    dev_server = os.environ.get(DEV_ZK_ENV)
+    if dev_server:  # a unique chroot (the store creates it), left behind on the dev server
+        hosts = f"{dev_server}/distcron-test-{uuid.uuid4().hex}"
+    else:
+        hosts = request.getfixturevalue("zk_hosts")
+    return ZooKeeperCoordinationStore(hosts, session_timeout=4.0)
+
+
 def _sqlite_reports(tmp_path: Path) -> ReportStore:
     from distcrond.reporting.sqlite import SQLiteReportStore
 
     return SQLiteReportStore(tmp_path / "reports.sqlite3")
 
 
-@pytest.fixture(params=[pytest.param("sqlite", id="sqlite")])
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("zookeeper", id="zookeeper", marks=pytest.mark.zookeeper),
+    ]
+)
 def coordination(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CoordinationStore]:
     """A fresh, empty coordination store."""
-    builders = {"sqlite": _sqlite_coordination}
-    store = builders[request.param](tmp_path)
+    if request.param == "zookeeper":
+        store = _zookeeper_coordination(request)
+    else:
+        store = _sqlite_coordination(tmp_path)
     try:
         yield store
     finally:

@@ -1,0 +1,1332 @@
+"""The ZooKeeper coordination store: a real cluster's shared state, through kazoo.
+
+Paths come from :mod:`distcrond.coordination.zkpaths` (the layout is described
+there). The essentials:
+
+* **Fencing.** The token is the data *version* of ``/epoch``. A new leader bumps
+  it with a compare-and-set, in one transaction with a ``check`` of its own lock
+  node and the rewrite of ``/leader``. Every fenced write (``record_runs``) is one
+  transaction that starts with ``check(/epoch, version=epoch)`` and
+  ``check(<the leader's lock node>, version=0)``: a deposed leader's transaction
+  fails as a whole, and so does the write of a leader whose session died before
+  anybody else took over (its ephemeral lock node is gone).
+  ``transaction().commit()`` does not raise: every result list is inspected.
+* **The run lock** is the create of ``/runs/<job>/<run>``: ZooKeeper refuses a
+  second create, so a slot is recorded once. Indexes (``/active``,
+  ``/assignments/<peer>``, ``/cancels/<peer>``) change in the same transaction as
+  the record, so they always match it; every record change is a compare-and-set
+  on the record's version.
+* **Idempotency.** Every operation is retried on connection loss from a fresh
+  read; a retry that finds its own earlier write (same bytes) counts it as done.
+  ``NodeExists`` on a create of ours and ``NoNode`` on a delete count as success.
+* **Connection states** (kazoo's): SUSPENDED means "assume nothing you hold is
+  valid": the leader is revoked at once and ``claim_run`` refuses. A
+  reconnection within the session re-establishes leadership with a *new* epoch;
+  LOST (session expired) means contending again, and re-creating this instance's
+  ephemeral nodes (peer records, heartbeats).
+* **Callbacks** (run and trigger watches, the leadership listener) run on one
+  dispatch thread of this store, in order, never on kazoo's threads; an
+  exception is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import queue
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (
+    BadVersionError,
+    CancelledError,
+    ConnectionClosedError,
+    ConnectionLoss,
+    KazooException,
+    NodeExistsError,
+    NoNodeError,
+    NotEmptyError,
+    OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
+    SessionExpiredError,
+)
+from kazoo.protocol.states import KazooState
+from kazoo.recipe.lock import Lock
+from kazoo.security import make_digest_acl
+
+from distcrond.clock import Clock
+from distcrond.coordination.base import (
+    ConfigSnapshot,
+    CoordinationStore,
+    FencedOut,
+    LeaderInfo,
+    LeadershipListener,
+    PeerInfo,
+    StoreStatus,
+    StoreUnavailable,
+    TriggerRequest,
+)
+from distcrond.coordination.zkpaths import ZKPaths
+from distcrond.runs import (
+    ACTIVE_STATES,
+    RunRecord,
+    RunState,
+    format_slot,
+    parse_slot,
+    split_run_id,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_IMMUTABLE_FIELDS = frozenset({"run_id", "job_id", "slot"})
+_ASSIGNED = "assigned"
+_CANCEL = "cancel"
+# A znode holds at most jute.maxbuffer (1 MB by default) of data: big config
+# snapshots are compressed; beyond that the server refuses the write.
+_COMPRESS_ABOVE = 512 * 1024
+_ZLIB_PREFIX = b"zlib:"
+# Transient failures: retried (the connection comes back, or a new session starts).
+_RETRYABLE = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
+# Attempts of one compare-and-set loop before giving up (contention, not outages).
+_CAS_ATTEMPTS = 50
+
+
+def _encode(record: RunRecord) -> bytes:
+    return json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True).encode()
+
+
+def _decode(data: bytes) -> RunRecord:
+    return RunRecord.from_json(json.loads(data))
+
+
+def _job_of(run_id: str) -> str | None:
+    try:
+        return split_run_id(run_id)[0]
+    except ValueError:
+        return None
+
+
+def _sort_key(record: RunRecord) -> tuple[datetime, str]:
+    return (record.slot, record.run_id)
+
+
+def _failure(results: Sequence[Any]) -> tuple[int, Exception] | None:
+    """The operation that made a transaction fail, and its error; None if it committed."""
+    for index, result in enumerate(results):
+        if isinstance(result, Exception) and not isinstance(
+            result, RolledBackError | RuntimeInconsistency
+        ):
+            return index, result
+    return None
+
+
+def _events(record: RunRecord, peer_id: str) -> list[tuple[str, str]]:
+    """The watcher events ``record`` represents for ``peer_id``."""
+    if record.peer_id != peer_id or record.state.terminal:
+        return []
+    events = []
+    if record.state == RunState.ASSIGNED:
+        events.append((record.run_id, _ASSIGNED))
+    if record.cancel_requested:
+        events.append((record.run_id, _CANCEL))
+    return events
+
+
+@dataclass
+class _RunWatcher:
+    peer_id: str
+    callback: Callable[[RunRecord], None]
+    seen: set[tuple[str, str]] = field(default_factory=set)
+    children: dict[str, set[str]] = field(default_factory=dict)  # kind -> known child names
+
+
+@dataclass
+class _Election:
+    peer_id: str
+    listener: LeadershipListener
+    events: queue.SimpleQueue[str] = field(default_factory=queue.SimpleQueue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    mutex: threading.Lock = field(default_factory=threading.Lock)
+    lock: Lock | None = None
+    node: str | None = None  # full path of our lock node while we hold the lock
+    epoch: int | None = None  # set while leader (listener told establish, not revoke)
+    thread: threading.Thread | None = None
+
+
+class ZooKeeperCoordinationStore(CoordinationStore):
+    """Coordination state in a ZooKeeper ensemble; thread-safe, one instance per process.
+
+    ``hosts`` is a kazoo connection string (it may end with a chroot, created if
+    missing); ``root`` is the cluster's directory in it. ``session_timeout``
+    (seconds) is also the longest a call waits for an unreachable ensemble before
+    raising :class:`StoreUnavailable`. With ``auth=(user, password)`` the client
+    authenticates with digest and every node is created readable and writable by
+    that identity only. ``client``: a KazooClient to use instead of making one
+    (started here if it is not; never closed here).
+    """
+
+    backend = "zookeeper"
+
+    def __init__(
+        self,
+        hosts: str,
+        root: str = "/distcron",
+        session_timeout: float = 10.0,
+        clock: Clock | None = None,
+        auth: tuple[str, str] | None = None,
+        client: KazooClient | None = None,
+    ) -> None:
+        self._hosts = hosts
+        self._paths = ZKPaths(root)
+        self._clock = clock or Clock()
+        self._op_timeout = max(session_timeout, 2.0)
+        self._auth = auth
+        self._acl = [make_digest_acl(auth[0], auth[1], all=True)] if auth else None
+        auth_data = [("digest", f"{auth[0]}:{auth[1]}")] if auth else None
+        self._owns_client = client is None
+        if client is None:
+            client = KazooClient(
+                hosts=hosts,
+                timeout=session_timeout,
+                auth_data=auth_data,
+                default_acl=self._acl,
+                connection_retry={"max_tries": -1, "max_delay": 1.0},
+            )
+        else:
+            if auth:
+                client.add_auth("digest", f"{auth[0]}:{auth[1]}")
+                client.default_acl = self._acl
+        self._client = client
+        self._lock = threading.Lock()  # guards the state below, never held over I/O
+        self._closed = False
+        self._election: _Election | None = None
+        self._revoked_epochs: set[int] = set()
+        self._run_watchers: list[_RunWatcher] = []
+        self._own_peers: dict[str, PeerInfo] = {}
+        self._heartbeats: set[str] = set()  # runs claimed here and not finished
+        self._ensured: set[str] = set()  # parent nodes known to exist
+        self._session_id: int | None = None
+        self._events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="zk-store-events", daemon=True
+        )
+        self._dispatcher.start()
+        client.add_listener(self._on_state)
+        try:
+            if not client.connected:
+                with warnings.catch_warnings():  # "No chroot path exists": created below
+                    warnings.filterwarnings("ignore", "No chroot path exists")
+                    client.start(timeout=self._op_timeout)
+            self._session_id = self._current_session()
+            self._ensure_chroot()
+            self._ensure_layout()
+        except Exception as exc:
+            self._shutdown_threads()
+            if self._owns_client:
+                with contextlib.suppress(Exception):
+                    client.stop()
+                    client.close()
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise StoreUnavailable(f"ZooKeeper {hosts}: {exc!r}") from exc
+
+    # -- lifecycle -----------------------------------------------------------
+    def close(self) -> None:
+        """Abdicate if leader, stop the threads and watches, close the session (idempotent).
+
+        Ephemeral nodes (peer records, heartbeats) go with the session; with a
+        client that is not ours, they are deleted explicitly.
+        """
+        with self._lock:
+            if self._closed:
+                return
+        with contextlib.suppress(StoreUnavailable):
+            self.stop_election()
+        with self._lock:
+            self._closed = True
+            peers = list(self._own_peers)
+            heartbeats = list(self._heartbeats)
+            self._own_peers.clear()
+            self._heartbeats.clear()
+            self._run_watchers.clear()
+        self._client.remove_listener(self._on_state)
+        if self._owns_client:
+            with contextlib.suppress(Exception):
+                self._client.stop()
+                self._client.close()
+        else:
+            for path in [self._paths.peer(p) for p in peers] + [
+                self._paths.heartbeat(r) for r in heartbeats
+            ]:
+                with contextlib.suppress(Exception):
+                    self._delete(path)
+        self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        self._events.put(None)
+        if self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(timeout=10)
+
+    def status(self) -> StoreStatus:
+        """ok while the session is connected; detail names the ensemble, root and state."""
+        state = "CLOSED" if self._closed else self._client.state
+        detail = f"{self._hosts} root={self._paths.root or '/'} state={state}"
+        return StoreStatus(ok=state == KazooState.CONNECTED, backend=self.backend, detail=detail)
+
+    # -- membership ----------------------------------------------------------
+    def register_peer(self, peer: PeerInfo) -> None:
+        """Publish (or update) a peer's ephemeral record, owned by this session.
+
+        A record left by another (dying) session is replaced, so that it does not
+        vanish when that session expires. It is re-created after a session loss.
+        """
+        with self._lock:
+            self._own_peers[peer.peer_id] = peer
+        self._retry(
+            lambda _lost: self._put_ephemeral(self._paths.peer(peer.peer_id), _peer_data(peer))
+        )
+
+    def unregister_peer(self, peer_id: str) -> None:
+        with self._lock:
+            self._own_peers.pop(peer_id, None)
+        self._retry(lambda _lost: self._delete(self._paths.peer(peer_id)))
+
+    def peers(self) -> list[PeerInfo]:
+        def read(_lost: bool) -> list[PeerInfo]:
+            names = self._children(self._paths.peers)
+            found = self._get_many([self._paths.peer(n) for n in names])
+            return [PeerInfo.from_json(json.loads(got[0])) for got in found if got is not None]
+
+        return sorted(self._retry(read), key=lambda p: p.peer_id)
+
+    # -- leadership ----------------------------------------------------------
+    def start_election(self, peer_id: str, listener: LeadershipListener) -> None:
+        """Contend for leadership (kazoo's Lock recipe on ``/election``) on a thread of
+        this store's; ``listener`` hears ``establish_leadership(epoch)`` and
+        ``revoke_leadership()`` on the dispatch thread. RuntimeError if already standing.
+        """
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            if self._election is not None:
+                raise RuntimeError("already standing for election; call stop_election first")
+            election = _Election(peer_id, listener)
+            self._election = election
+        election.thread = threading.Thread(
+            target=self._run_election, args=(election,), name=f"zk-election:{peer_id}", daemon=True
+        )
+        election.thread.start()
+
+    def stop_election(self) -> None:
+        """Withdraw: the lock node is deleted at once (the next contender takes over),
+        then the listener is told ``revoke_leadership`` if this peer was leader.
+        A no-op when not standing."""
+        with self._lock:
+            election, self._election = self._election, None
+        if election is None:
+            return
+        with election.mutex:
+            election.stop.set()
+            if election.lock is not None:
+                election.lock.cancel()
+        election.events.put("stop")
+        thread = election.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self._op_timeout + 5)
+        self._revoke(election)  # in case the thread could not (it is stuck on I/O)
+
+    def leader(self) -> LeaderInfo | None:
+        """The leader named in ``/leader``, if its lock node is still in the election."""
+
+        def read(_lost: bool) -> LeaderInfo | None:
+            got = self._get(self._paths.leader)
+            if got is None or not got[0]:
+                return None
+            data = json.loads(got[0])
+            if self._wait(self._client.exists_async(data["node"])) is None:
+                return None
+            return LeaderInfo(
+                peer_id=data["peer_id"], epoch=int(data["epoch"]), since=parse_slot(data["since"])
+            )
+
+        return self._retry(read)
+
+    def _run_election(self, election: _Election) -> None:
+        """The election thread: contend, lead, and contend again after a session loss."""
+        try:
+            while not election.stop.is_set():
+                if self._client.state != KazooState.CONNECTED:
+                    self._next_event(election, timeout=0.5)
+                    continue
+                lock = self._client.Lock(self._paths.election, identifier=election.peer_id)
+                with election.mutex:
+                    if election.stop.is_set():
+                        break
+                    election.lock = lock
+                try:
+                    acquired = lock.acquire()
+                except CancelledError:
+                    break
+                except KazooException as exc:
+                    log.warning("election: could not contend (%r); trying again", exc)
+                    election.stop.wait(0.2)
+                    continue
+                if not acquired:
+                    continue
+                election.node = f"{self._paths.election}/{lock.node}"
+                if self._lead(election):
+                    break
+                election.node = None  # lost with the session: contend again
+        except Exception:
+            log.exception("election thread failed")
+        finally:
+            self._revoke(election)
+            self._abdicate(election)
+
+    def _lead(self, election: _Election) -> bool:
+        """Hold leadership until it ends; True when it ended by ``stop_election``."""
+        node = election.node
+        assert node is not None
+        while not election.stop.is_set():
+            while True:  # events from before this (re)establishment say nothing now
+                try:
+                    if election.events.get_nowait() == "stop":
+                        return True
+                except queue.Empty:
+                    break
+            epoch: int | None = None
+            if self._client.state == KazooState.CONNECTED:
+                try:
+                    epoch = self._take_epoch(election, node)
+                except StoreUnavailable as exc:
+                    log.warning("election: could not take an epoch (%s)", exc)
+                else:
+                    if epoch is None:
+                        log.warning("election: lock node %s is gone; contending again", node)
+                        return False
+            if epoch is not None:
+                with self._lock:
+                    election.epoch = epoch
+                log.info("peer %s is leader (epoch %d)", election.peer_id, epoch)
+                self._dispatch(functools.partial(election.listener.establish_leadership, epoch))
+                outcome = self._hold(election, node)
+                self._revoke(election)
+                if outcome == "stop":
+                    return True
+                if outcome in ("lost", "gone"):
+                    return False
+            # Suspended: leadership is revoked until the connection comes back, in the
+            # same session (our lock node still ours: lead again, with a new epoch).
+            outcome = self._await_reconnection(election)
+            if outcome == "stop":
+                return True
+            if outcome == "lost":
+                return False
+            try:
+                if not self._node_is_ours(node):
+                    return False
+            except StoreUnavailable:
+                continue
+        return True
+
+    def _hold(self, election: _Election, node: str) -> str:
+        """Wait while leader: "stop", "suspended", "lost" or "gone" (our lock node vanished)."""
+        self._watch_node(election, node)
+        if self._client.state != KazooState.CONNECTED:
+            return "suspended"
+        while True:
+            event = election.events.get()
+            if event == "stop":
+                return "stop"
+            if event == KazooState.SUSPENDED:
+                return "suspended"
+            if event == KazooState.LOST:
+                return "lost"
+            if event == "node":
+                try:
+                    if not self._node_is_ours(node):
+                        return "gone"
+                except StoreUnavailable:
+                    return "suspended"
+                self._watch_node(election, node)
+
+    def _await_reconnection(self, election: _Election) -> str:
+        while True:
+            if self._client.state == KazooState.CONNECTED:
+                return "connected"
+            event = self._next_event(election, timeout=None)
+            if event in ("stop", KazooState.LOST):
+                return "lost" if event == KazooState.LOST else "stop"
+
+    def _next_event(self, election: _Election, timeout: float | None) -> str | None:
+        try:
+            return election.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _watch_node(self, election: _Election, node: str) -> None:
+        with contextlib.suppress(Exception):
+            self._client.exists_async(node, watch=lambda _event: election.events.put("node"))
+
+    def _node_is_ours(self, node: str) -> bool:
+        try:
+            stat = self._wait(self._client.exists_async(node))
+        except _RETRYABLE as exc:
+            raise StoreUnavailable(f"ZooKeeper: {exc!r}") from exc
+        return stat is not None and stat.ephemeralOwner == self._current_session()
+
+    def _take_epoch(self, election: _Election, node: str) -> int | None:
+        """Bump /epoch and rewrite /leader, if we still hold ``node``: the new epoch, or None."""
+
+        def attempt(lost: bool) -> int | None:
+            for _ in range(_CAS_ATTEMPTS):
+                got = self._get(self._paths.epoch)
+                if got is None:
+                    raise StoreUnavailable(f"{self._paths.epoch} is missing")
+                version = got[1].version
+                if lost:  # did the attempt whose reply was lost commit?
+                    leader = self._get(self._paths.leader)
+                    if leader is not None and leader[0]:
+                        data = json.loads(leader[0])
+                        if data.get("node") == node and data.get("epoch") == version:
+                            return version
+                info = {
+                    "peer_id": election.peer_id,
+                    "epoch": version + 1,
+                    "since": format_slot(self._clock.now()),
+                    "node": node,
+                }
+                txn = self._client.transaction()
+                txn.check(node, 0)
+                txn.set_data(self._paths.epoch, b"", version=version)
+                txn.set_data(self._paths.leader, json.dumps(info).encode())
+                failed = _failure(self._wait(txn.commit_async()))
+                if failed is None:
+                    return version + 1
+                if failed[0] == 0:
+                    return None  # our lock node is gone (or was never ours)
+                if not isinstance(failed[1], BadVersionError):
+                    raise StoreUnavailable(f"taking an epoch failed: {failed[1]!r}")
+            raise StoreUnavailable("taking an epoch: too much contention")
+
+        return self._retry(attempt)
+
+    def _revoke(self, election: _Election) -> None:
+        """Tell the listener leadership ended (once per establish) and fence that epoch here."""
+        with self._lock:
+            epoch, election.epoch = election.epoch, None
+            if epoch is not None:
+                self._revoked_epochs.add(epoch)
+        if epoch is not None:
+            log.info("peer %s: leadership of epoch %d ends", election.peer_id, epoch)
+            self._dispatch(election.listener.revoke_leadership)
+
+    def _abdicate(self, election: _Election) -> None:
+        """Delete our lock node (the handover) and clear /leader if it still names us."""
+        with election.mutex:
+            lock, election.lock = election.lock, None
+        node, election.node = election.node, None
+        if lock is not None:
+            with contextlib.suppress(Exception):
+                lock.cancel()
+        if node is None:
+            return
+        with contextlib.suppress(StoreUnavailable, KazooException):
+            self._retry(lambda _lost: self._delete(node))
+        with contextlib.suppress(Exception):
+            if lock is not None:
+                lock.is_acquired = False  # the node is deleted: nothing left to release
+                lock.node = None
+        with contextlib.suppress(StoreUnavailable, KazooException):
+            got = self._get(self._paths.leader)
+            if got is not None and got[0] and json.loads(got[0]).get("node") == node:
+                self._wait(self._client.set_async(self._paths.leader, b"", version=got[1].version))
+
+    # -- run records ---------------------------------------------------------
+    def record_runs(
+        self,
+        epoch: int,
+        runs: Sequence[RunRecord],
+        cursors: dict[str, datetime] | None = None,
+    ) -> list[RunRecord]:
+        """Create the runs not recorded yet and move cursors forward, in one fenced transaction.
+
+        :class:`FencedOut` (nothing written) unless ``epoch`` is the current
+        leader's and that leader still holds its lock. Existing run ids, and
+        repeated ids within ``runs``, are left as they are and not returned. A
+        cursor never moves back.
+        """
+        unique: dict[str, RunRecord] = {}
+        for record in runs:
+            unique.setdefault(record.run_id, record)
+        wanted = list(unique.values())
+        payloads = {r.run_id: _encode(r) for r in wanted}
+        cursors = dict(cursors or {})
+
+        def attempt(lost: bool) -> list[RunRecord]:
+            for _ in range(_CAS_ATTEMPTS):
+                node = self._fence_node(epoch)
+                paths = [self._paths.run(r.job_id, r.run_id) for r in wanted]
+                stats = self._exists_many(paths)
+                new = [r for r, stat in zip(wanted, stats, strict=True) if stat is None]
+                ours: set[str] = set()
+                if lost:  # runs an earlier attempt of this call may have created
+                    maybe = [r for r, stat in zip(wanted, stats, strict=True) if stat is not None]
+                    found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in maybe])
+                    ours = {
+                        r.run_id
+                        for r, got in zip(maybe, found, strict=True)
+                        if got is not None and got[0] == payloads[r.run_id]
+                    }
+                current = self._get_many([self._paths.cursor(j) for j in cursors])
+                parents = {self._paths.run_bucket(r.job_id) for r in new}
+                for r in new:
+                    parents |= {_parent(p) for p in self._index(r)}
+                self._ensure_parents(parents)
+
+                txn = self._client.transaction()
+                txn.check(self._paths.epoch, epoch)
+                txn.check(node, 0)
+                for r in new:
+                    txn.create(self._paths.run(r.job_id, r.run_id), payloads[r.run_id], self._acl)
+                    for index_path in sorted(self._index(r)):
+                        txn.create(index_path, b"", self._acl)
+                cursor_ops = 0
+                for (job_id, slot), got in zip(cursors.items(), current, strict=True):
+                    text = format_slot(slot).encode()
+                    if got is None:
+                        txn.create(self._paths.cursor(job_id), text, self._acl)
+                    elif slot > parse_slot(got[0].decode()):
+                        txn.set_data(self._paths.cursor(job_id), text, version=got[1].version)
+                    else:
+                        continue
+                    cursor_ops += 1
+                if not new and not cursor_ops:
+                    # Nothing to write: the fence still has to hold now.
+                    txn = self._client.transaction()
+                    txn.check(self._paths.epoch, epoch)
+                    txn.check(node, 0)
+                failed = _failure(self._wait(txn.commit_async()))
+                if failed is None:
+                    created = {r.run_id for r in new} | ours
+                    return [r for r in wanted if r.run_id in created]
+                index, error = failed
+                if index < 2:
+                    raise FencedOut(f"epoch {epoch} is not the current leader's ({error!r})")
+                if isinstance(error, NoNodeError):
+                    with self._lock:
+                        self._ensured -= parents  # a bucket was pruned meanwhile
+                elif not isinstance(error, NodeExistsError | BadVersionError):
+                    raise StoreUnavailable(f"recording runs failed: {error!r}")
+                # NodeExists / BadVersion: raced with another writer; look again.
+            raise StoreUnavailable("recording runs: too much contention")
+
+        return self._retry(attempt)
+
+    def _fence_node(self, epoch: int) -> str:
+        """The lock node of the leader of ``epoch``; FencedOut when it is not the leader's."""
+        with self._lock:
+            if epoch in self._revoked_epochs:
+                raise FencedOut(f"epoch {epoch} was revoked")
+            election = self._election
+            if election is not None and election.epoch == epoch and election.node is not None:
+                return election.node
+        got = self._get(self._paths.leader)
+        data = json.loads(got[0]) if got is not None and got[0] else None
+        if data is None or data.get("epoch") != epoch:
+            raise FencedOut(f"epoch {epoch} is not the current leader's")
+        return str(data["node"])
+
+    def cursors(self) -> dict[str, datetime]:
+        def read(_lost: bool) -> dict[str, datetime]:
+            names = self._children(self._paths.cursors)
+            found = self._get_many([self._paths.cursor(n) for n in names])
+            return {
+                name: parse_slot(got[0].decode())
+                for name, got in zip(names, found, strict=True)
+                if got is not None
+            }
+
+        return self._retry(read)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        job_id = _job_of(run_id)
+        if job_id is None:
+            return None
+        got = self._retry(lambda _lost: self._get(self._paths.run(job_id, run_id)))
+        return _decode(got[0]) if got is not None else None
+
+    def runs(
+        self,
+        *,
+        job_id: str | None = None,
+        peer_id: str | None = None,
+        states: Iterable[RunState] | None = None,
+    ) -> list[RunRecord]:
+        """Runs matching every given filter, oldest slot first (ties: run id).
+
+        Active states are read from the ``/active`` (or the peer's assignments)
+        index, a job's runs from its bucket; anything else reads every bucket.
+        """
+        wanted = None if states is None else {RunState(s) for s in states}
+        if wanted is not None and not wanted:
+            return []
+
+        def read(_lost: bool) -> list[RunRecord]:
+            if wanted is not None and wanted <= set(ACTIVE_STATES):
+                if peer_id is not None:
+                    ids = self._children(self._paths.assignments_of(peer_id))
+                else:
+                    ids = self._children(self._paths.active)
+                paths = [self._paths.run(j, i) for i in ids if (j := _job_of(i)) is not None]
+            elif job_id is not None:
+                bucket = self._paths.run_bucket(job_id)
+                paths = [f"{bucket}/{i}" for i in self._children(bucket)]
+            else:
+                paths = self._all_run_paths()
+            found = self._get_many(paths)
+            return [_decode(got[0]) for got in found if got is not None]
+
+        records = [
+            r
+            for r in self._retry(read)
+            if (job_id is None or r.job_id == job_id)
+            and (peer_id is None or r.peer_id == peer_id)
+            and (wanted is None or r.state in wanted)
+        ]
+        return sorted(records, key=_sort_key)
+
+    def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
+        """assigned -> running for ``peer_id`` (compare-and-set on the record's version),
+        then the run's ephemeral heartbeat; None if not claimable.
+
+        Raises :class:`StoreUnavailable` unless the session is connected now: a
+        peer whose session is suspended may already be considered dead.
+        """
+        if self._client.state != KazooState.CONNECTED:
+            raise StoreUnavailable(f"ZooKeeper session is {self._client.state}: not claiming")
+        job_id = _job_of(run_id)
+        if job_id is None:
+            return None
+        path = self._paths.run(job_id, run_id)
+
+        def attempt(lost: bool) -> RunRecord | None:
+            for _ in range(_CAS_ATTEMPTS):
+                got = self._get(path)
+                if got is None:
+                    return None
+                record = _decode(got[0])
+                claimed = record.replace(state=RunState.RUNNING, started_at=started_at)
+                if lost and record == claimed and record.peer_id == peer_id:
+                    return record  # the attempt whose reply was lost did commit
+                if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
+                    return None
+                try:
+                    self._wait(
+                        self._client.set_async(path, _encode(claimed), version=got[1].version)
+                    )
+                except BadVersionError:
+                    continue  # changed meanwhile: look again
+                except NoNodeError:
+                    return None
+                return claimed
+            raise StoreUnavailable("claiming: too much contention")
+
+        claimed = self._retry(attempt)
+        if claimed is not None:
+            with self._lock:
+                self._heartbeats.add(run_id)
+            with contextlib.suppress(StoreUnavailable):
+                self._retry(lambda _lost: self._put_ephemeral(self._paths.heartbeat(run_id), b""))
+        return claimed
+
+    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
+        """Change fields of an active run; the updated record, or None if unknown or finished.
+
+        ``run_id``, ``job_id`` and ``slot`` cannot change, and a terminal state
+        only through :meth:`finish_run` (ValueError). The indexes follow a change
+        of peer or state; a run moved (back) to ``assigned`` is a new assignment
+        for its peer's watchers.
+        """
+        if _IMMUTABLE_FIELDS & changes.keys():
+            raise ValueError(f"cannot change {sorted(_IMMUTABLE_FIELDS & changes.keys())}")
+        if "state" in changes:
+            changes["state"] = RunState(changes["state"])
+            if changes["state"].terminal:
+                raise ValueError("use finish_run to end a run")
+
+        def change(record: RunRecord) -> RunRecord | None:
+            return record.replace(**changes) if not record.state.terminal else None
+
+        record, _ = self._modify(run_id, change)
+        return record
+
+    def finish_run(
+        self,
+        run_id: str,
+        state: RunState,
+        *,
+        ended_at: datetime,
+        exit_code: int | None = None,
+        reason: str = "",
+    ) -> RunRecord | None:
+        """Active -> ``state`` (terminal), dropping its index entries and heartbeat in the
+        same transaction; a finished run is returned as stored; None if unknown."""
+        state = RunState(state)
+        if not state.terminal:
+            raise ValueError(f"{state} is not a terminal state")
+
+        def change(record: RunRecord) -> RunRecord | None:
+            if record.state.terminal:
+                return None
+            return record.replace(
+                state=state, ended_at=ended_at, exit_code=exit_code, reason=reason
+            )
+
+        record, existing = self._modify(run_id, change)
+        if existing is not None and (record or existing).state.terminal:
+            with self._lock:
+                self._heartbeats.discard(run_id)
+            with contextlib.suppress(StoreUnavailable):
+                self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
+        return record or existing
+
+    def request_cancel(self, run_id: str) -> bool:
+        """Set ``cancel_requested`` on an active run and index it under its peer's
+        ``/cancels`` (idempotent); False when the run is not active."""
+
+        def change(record: RunRecord) -> RunRecord | None:
+            if record.state.terminal or record.cancel_requested:
+                return None
+            return record.replace(cancel_requested=True)
+
+        record, existing = self._modify(run_id, change)
+        current = record or existing
+        return current is not None and not current.state.terminal
+
+    def _index(self, record: RunRecord) -> set[str]:
+        """The index nodes that exist while the run is as ``record`` says."""
+        if record.state.terminal:
+            return set()
+        paths = {self._paths.active_run(record.run_id)}
+        if record.peer_id:
+            paths.add(self._paths.assignment(record.peer_id, record.run_id))
+            if record.cancel_requested:
+                paths.add(self._paths.cancel(record.peer_id, record.run_id))
+        return paths
+
+    def _modify(
+        self, run_id: str, change: Callable[[RunRecord], RunRecord | None]
+    ) -> tuple[RunRecord | None, RunRecord | None]:
+        """Compare-and-set one run and its index nodes: (updated or None, as it was)."""
+        job_id = _job_of(run_id)
+        if job_id is None:
+            return None, None
+        path = self._paths.run(job_id, run_id)
+
+        def attempt(_lost: bool) -> tuple[RunRecord | None, RunRecord | None]:
+            # A retry re-reads and re-applies ``change``: after a lost reply that did
+            # commit, ``change`` sees its own result (finished, cancelled...) and is a no-op.
+            skip_delete: set[str] = set()
+            for _ in range(_CAS_ATTEMPTS):
+                got = self._get(path)
+                if got is None:
+                    return None, None
+                existing = _decode(got[0])
+                updated = change(existing)
+                if updated is None:
+                    return None, existing
+                before, after = self._index(existing), self._index(updated)
+                self._ensure_parents({_parent(p) for p in after - before})
+                txn = self._client.transaction()
+                txn.set_data(path, _encode(updated), version=got[1].version)
+                deletes = sorted(before - after - skip_delete)
+                creates = sorted(after - before)
+                for index_path in deletes:
+                    txn.delete(index_path)
+                for index_path in creates:
+                    txn.create(index_path, b"", self._acl)
+                failed = _failure(self._wait(txn.commit_async()))
+                if failed is None:
+                    return updated, existing
+                index, error = failed
+                if index == 0 and isinstance(error, BadVersionError | NoNodeError):
+                    continue  # the record changed (or went) meanwhile
+                if 1 <= index <= len(deletes) and isinstance(error, NoNodeError):
+                    skip_delete.add(deletes[index - 1])  # already gone: fine
+                    continue
+                if index > len(deletes) and isinstance(error, NodeExistsError):
+                    stray = creates[index - 1 - len(deletes)]
+                    with contextlib.suppress(NoNodeError):
+                        self._wait(self._client.delete_async(stray))
+                    continue
+                if isinstance(error, NoNodeError):
+                    with self._lock:
+                        self._ensured.clear()
+                    continue
+                raise StoreUnavailable(f"updating run {run_id} failed: {error!r}")
+            raise StoreUnavailable(f"updating run {run_id}: too much contention")
+
+        updated, existing = self._retry(attempt)
+        if updated is not None and existing is not None:
+            if updated.state != RunState.RUNNING and existing.state == RunState.RUNNING:
+                with self._lock:
+                    self._heartbeats.discard(run_id)
+                if not updated.state.terminal:
+                    with contextlib.suppress(StoreUnavailable):
+                        self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
+            if (
+                updated.state == RunState.ASSIGNED
+                and existing.state != RunState.ASSIGNED
+                and updated.peer_id == existing.peer_id
+            ):
+                self._notify_reassigned(updated)
+        return updated, existing
+
+    def watch_runs(self, peer_id: str, callback: Callable[[RunRecord], None]) -> None:
+        """Call ``callback`` once for each run assigned to ``peer_id`` and once when a
+        cancel is requested for one of its active runs: first those existing now, then
+        new ones (kazoo children watches on the peer's ``/assignments`` and ``/cancels``).
+        Called on the dispatch thread."""
+        watcher = _RunWatcher(peer_id, callback)
+        with self._lock:
+            self._run_watchers.append(watcher)
+        for kind, directory in (
+            (_ASSIGNED, self._paths.assignments_of(peer_id)),
+            (_CANCEL, self._paths.cancels_of(peer_id)),
+        ):
+            self._ensure_parents({directory})
+            self._client.ChildrenWatch(directory, self._children_watch(watcher, kind))
+
+    def _children_watch(
+        self, watcher: _RunWatcher, kind: str
+    ) -> Callable[[list[str]], bool | None]:
+        def on_children(children: list[str]) -> bool | None:  # on kazoo's thread: no I/O
+            with self._lock:
+                if self._closed or watcher not in self._run_watchers:
+                    return False
+                known = watcher.children.setdefault(kind, set())
+                current = set(children)
+                new, gone = current - known, known - current
+                known.clear()
+                known.update(current)
+            if new or gone:
+                self._dispatch(lambda: self._check_runs(watcher, kind, sorted(new), gone))
+            return None
+
+        return on_children
+
+    def _check_runs(
+        self, watcher: _RunWatcher, kind: str, run_ids: list[str], gone: set[str]
+    ) -> None:
+        """Dispatch thread: forget runs that left the index, report the new ones."""
+        with self._lock:
+            watcher.seen -= {(r, kind) for r in gone}
+        if not run_ids:
+            return
+        paths = [self._paths.run(j, r) for r in run_ids if (j := _job_of(r)) is not None]
+        try:
+            found = self._retry(lambda _lost: self._get_many(paths))
+        except StoreUnavailable as exc:
+            log.warning("watch of %s: could not read new runs: %s", watcher.peer_id, exc)
+            # Forget them so that the next children change reports them again.
+            with self._lock:
+                watcher.children.get(kind, set()).difference_update(run_ids)
+            return
+        for got in found:
+            if got is not None:
+                self._report(watcher, _decode(got[0]))
+
+    def _report(self, watcher: _RunWatcher, record: RunRecord) -> None:
+        with self._lock:
+            events = [e for e in _events(record, watcher.peer_id) if e not in watcher.seen]
+            watcher.seen.update(events)
+        if events:
+            watcher.callback(record)  # on the dispatch thread; the loop logs exceptions
+
+    def _notify_reassigned(self, record: RunRecord) -> None:
+        """This instance moved a run back to ``assigned`` for the same peer (its index
+        node did not change): a new assignment for that peer's watchers."""
+
+        def check() -> None:
+            with self._lock:
+                watchers = [w for w in self._run_watchers if w.peer_id == record.peer_id]
+                for w in watchers:
+                    w.seen.discard((record.run_id, _ASSIGNED))
+            for w in watchers:
+                self._report(w, record)
+
+        self._dispatch(check)
+
+    def prune_runs(self, finished_before: datetime) -> int:
+        """Delete terminal runs that ended before the instant (a terminal run without
+        ``ended_at`` counts as ended at its slot), then empty buckets; returns how many."""
+
+        def prune(_lost: bool) -> int:
+            paths = self._all_run_paths()
+            found = self._get_many(paths)
+            doomed: list[tuple[str, int]] = []
+            for path, got in zip(paths, found, strict=True):
+                if got is None:
+                    continue
+                record = _decode(got[0])
+                if record.state.terminal and (record.ended_at or record.slot) < finished_before:
+                    doomed.append((path, got[1].version))
+            pending = [self._client.delete_async(p, version=v) for p, v in doomed]
+            deleted = 0
+            for result in pending:
+                try:
+                    self._wait(result)
+                    deleted += 1
+                except (NoNodeError, BadVersionError):
+                    pass
+            buckets = {_parent(p) for p, _ in doomed}
+            for bucket in buckets:
+                with contextlib.suppress(NotEmptyError, NoNodeError):
+                    self._wait(self._client.delete_async(bucket))
+                    with self._lock:
+                        self._ensured.discard(bucket)
+            return deleted
+
+        return self._retry(prune)
+
+    def _all_run_paths(self) -> list[str]:
+        buckets = [self._paths.run_bucket(b) for b in self._children(self._paths.runs)]
+        listings = self._children_many(buckets)
+        return [
+            f"{bucket}/{name}"
+            for bucket, names in zip(buckets, listings, strict=True)
+            for name in names
+        ]
+
+    # -- manual triggers -----------------------------------------------------
+    def request_trigger(self, request: TriggerRequest) -> None:
+        """Queue a manual run; a second request for the same run id changes nothing."""
+        data = json.dumps(
+            {
+                "run_id": request.run_id,
+                "job_id": request.job_id,
+                "slot": format_slot(request.slot),
+                "requested_at": format_slot(request.requested_at),
+                "requested_by": request.requested_by,
+            }
+        ).encode()
+
+        def create(_lost: bool) -> None:
+            with contextlib.suppress(NodeExistsError):
+                self._wait(
+                    self._client.create_async(self._paths.trigger(request.run_id), data, self._acl)
+                )
+
+        self._retry(create)
+
+    def pending_triggers(self) -> list[TriggerRequest]:
+        """Queued manual runs, oldest request first (ties: the order they were queued)."""
+
+        def read(_lost: bool) -> list[tuple[TriggerRequest, int]]:
+            names = self._children(self._paths.triggers)
+            found = self._get_many([self._paths.trigger(n) for n in names])
+            out = []
+            for got in found:
+                if got is None:
+                    continue
+                data = json.loads(got[0])
+                request = TriggerRequest(
+                    run_id=data["run_id"],
+                    job_id=data["job_id"],
+                    slot=parse_slot(data["slot"]),
+                    requested_at=parse_slot(data["requested_at"]),
+                    requested_by=data.get("requested_by", ""),
+                )
+                out.append((request, got[1].czxid))
+            return out
+
+        pending = sorted(self._retry(read), key=lambda t: (t[0].requested_at, t[1]))
+        return [request for request, _ in pending]
+
+    def remove_trigger(self, run_id: str) -> None:
+        self._retry(lambda _lost: self._delete(self._paths.trigger(run_id)))
+
+    def watch_triggers(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the dispatch thread) after a trigger is queued, by any
+        peer; once at registration too when triggers are already pending."""
+        known: set[str] = set()
+
+        def on_children(children: list[str]) -> bool | None:  # kazoo's thread: no I/O
+            with self._lock:
+                if self._closed:
+                    return False
+                new = set(children) - known
+                known.clear()
+                known.update(children)
+            if new:
+                self._dispatch(callback)
+            return None
+
+        self._client.ChildrenWatch(self._paths.triggers, on_children)
+
+    # -- loaded configuration ------------------------------------------------
+    def publish_config(self, snapshot: ConfigSnapshot) -> None:
+        data = json.dumps(
+            {
+                "peer_id": snapshot.peer_id,
+                "digest": snapshot.digest,
+                "jobs": snapshot.jobs,
+                "nodes": snapshot.nodes,
+                "errors": snapshot.errors,
+                "loaded_at": format_slot(snapshot.loaded_at) if snapshot.loaded_at else None,
+            }
+        ).encode()
+        if len(data) > _COMPRESS_ABOVE:
+            data = _ZLIB_PREFIX + zlib.compress(data)
+        path = self._paths.config(snapshot.peer_id)
+
+        def put(_lost: bool) -> None:
+            try:
+                self._wait(self._client.set_async(path, data))
+            except NoNodeError:
+                with contextlib.suppress(NodeExistsError):
+                    self._wait(self._client.create_async(path, data, self._acl))
+                    return
+                self._wait(self._client.set_async(path, data))
+
+        self._retry(put)
+
+    def config(self, peer_id: str) -> ConfigSnapshot | None:
+        got = self._retry(lambda _lost: self._get(self._paths.config(peer_id)))
+        if got is None:
+            return None
+        raw = got[0]
+        if raw.startswith(_ZLIB_PREFIX):
+            raw = zlib.decompress(raw[len(_ZLIB_PREFIX) :])
+        data = json.loads(raw)
+        return ConfigSnapshot(
+            peer_id=data["peer_id"],
+            digest=data["digest"],
+            jobs=data["jobs"],
+            nodes=data["nodes"],
+            errors=data["errors"],
+            loaded_at=parse_slot(data["loaded_at"]) if data["loaded_at"] else None,
+        )
+
+    # -- ZooKeeper plumbing --------------------------------------------------
+    def _retry(self, call: Callable[[bool], T]) -> T:
+        """Run ``call(lost)``, again after a connection loss (``lost`` is then True: an
+        earlier attempt may have committed), until ``session_timeout`` has passed."""
+        deadline = time.monotonic() + self._op_timeout
+        delay = 0.02
+        lost = False
+        while True:
+            try:
+                return call(lost)
+            except _RETRYABLE as exc:
+                lost = True
+                if self._closed or time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(f"ZooKeeper {self._hosts}: {exc!r}") from exc
+                time.sleep(delay)  # back-off before retrying, not synchronisation
+                delay = min(delay * 2, 0.5)
+            except ConnectionClosedError as exc:
+                raise StoreUnavailable(f"ZooKeeper {self._hosts}: the client is closed") from exc
+
+    def _wait(self, result: Any) -> Any:
+        """The value of a kazoo async result, waiting at most ``session_timeout``."""
+        try:
+            return result.get(timeout=self._op_timeout)
+        except self._client.handler.timeout_exception as exc:
+            raise StoreUnavailable(
+                f"ZooKeeper {self._hosts}: no answer within {self._op_timeout}s"
+            ) from exc
+
+    def _get(self, path: str) -> tuple[bytes, Any] | None:
+        try:
+            got: tuple[bytes, Any] = self._wait(self._client.get_async(path))
+            return got
+        except NoNodeError:
+            return None
+
+    def _get_many(self, paths: Sequence[str]) -> list[tuple[bytes, Any] | None]:
+        """Pipelined gets: None for a path that does not exist."""
+        pending = [self._client.get_async(p) for p in paths]
+        out: list[tuple[bytes, Any] | None] = []
+        for result in pending:
+            try:
+                out.append(self._wait(result))
+            except NoNodeError:
+                out.append(None)
+        return out
+
+    def _exists_many(self, paths: Sequence[str]) -> list[Any]:
+        pending = [self._client.exists_async(p) for p in paths]
+        return [self._wait(result) for result in pending]
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            return list(self._wait(self._client.get_children_async(path)))
+        except NoNodeError:
+            return []
+
+    def _children_many(self, paths: Sequence[str]) -> list[list[str]]:
+        pending = [self._client.get_children_async(p) for p in paths]
+        out: list[list[str]] = []
+        for result in pending:
+            try:
+                out.append(list(self._wait(result)))
+            except NoNodeError:
+                out.append([])
+        return out
+
+    def _delete(self, path: str) -> None:
+        """Delete ``path``; already gone counts as done."""
+        with contextlib.suppress(NoNodeError):
+            self._wait(self._client.delete_async(path))
+
+    def _put_ephemeral(self, path: str, data: bytes) -> None:
+        """Create (or update) an ephemeral node owned by this session."""
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                self._wait(self._client.create_async(path, data, self._acl, ephemeral=True))
+                return
+            except NodeExistsError:
+                pass
+            stat = self._wait(self._client.exists_async(path))
+            if stat is None:
+                continue
+            if stat.ephemeralOwner == self._current_session():
+                with contextlib.suppress(BadVersionError, NoNodeError):
+                    self._wait(self._client.set_async(path, data, version=stat.version))
+                    return
+                continue
+            # Left by another session (ours, before a crash or a session loss):
+            # replace it, or it vanishes when that session expires.
+            with contextlib.suppress(BadVersionError, NoNodeError):
+                self._wait(self._client.delete_async(path, version=stat.version))
+        raise StoreUnavailable(f"could not write {path}: too much contention")
+
+    def _ensure_parents(self, paths: Iterable[str]) -> None:
+        """Create persistent directories that may be missing (cached: each is made once)."""
+        with self._lock:
+            missing = sorted(set(paths) - self._ensured)
+        if not missing:
+            return
+        pending = [self._client.create_async(p, b"", self._acl) for p in missing]
+        for path, result in zip(missing, pending, strict=True):
+            try:
+                self._wait(result)
+            except NodeExistsError:
+                pass
+            except NoNodeError:  # its own parent is missing (a deleted root?): slow path
+                self._wait(self._client.ensure_path_async(path, self._acl))
+        with self._lock:
+            self._ensured.update(missing)
+
+    def _ensure_layout(self) -> None:
+        def ensure(_lost: bool) -> None:
+            for path in self._paths.top_level():
+                self._wait(self._client.ensure_path_async(path, self._acl))
+            for path in (self._paths.epoch, self._paths.leader):
+                with contextlib.suppress(NodeExistsError):
+                    self._wait(self._client.create_async(path, b"", self._acl))
+
+        self._retry(ensure)
+        with self._lock:
+            self._ensured.update(self._paths.top_level())
+
+    def _ensure_chroot(self) -> None:
+        """Create the connection string's chroot if it does not exist (kazoo cannot)."""
+        chroot = self._client.chroot
+        if not chroot or not self._owns_client:
+            return
+        if self._wait(self._client.exists_async("/")) is not None:
+            return
+        hosts = self._hosts[: self._hosts.index("/")]
+        bootstrap = KazooClient(
+            hosts=hosts,
+            timeout=self._op_timeout,
+            auth_data=[("digest", f"{self._auth[0]}:{self._auth[1]}")] if self._auth else None,
+            default_acl=self._acl,
+        )
+        bootstrap.start(timeout=self._op_timeout)
+        try:
+            bootstrap.ensure_path(chroot)
+        finally:
+            bootstrap.stop()
+            bootstrap.close()
+
+    def _current_session(self) -> int | None:
+        client_id = self._client.client_id
+        return int(client_id[0]) if client_id else None
+
+    # -- connection states and the dispatch thread ---------------------------
+    def _on_state(self, state: str) -> bool | None:
+        """kazoo's connection listener (its thread: only hand events on)."""
+        with self._lock:
+            if self._closed:
+                return True  # remove this listener
+            election = self._election
+        if election is not None:
+            election.events.put(state)
+        if state == KazooState.CONNECTED:
+            self._dispatch(self._after_reconnection)
+        elif state == KazooState.LOST:
+            log.warning("ZooKeeper session lost: ephemeral nodes are gone")
+        else:
+            log.warning("ZooKeeper connection suspended")
+        return None
+
+    def _after_reconnection(self) -> None:
+        """Dispatch thread: in a new session, re-create this instance's ephemeral nodes."""
+        session = self._current_session()
+        if session is None or self._session_id is None or session == self._session_id:
+            return  # the first connection (the constructor records it), or the same session
+        log.warning("new ZooKeeper session: re-creating peer records and heartbeats")
+        self._session_id = session
+        with self._lock:
+            peers = list(self._own_peers.values())
+            heartbeats = list(self._heartbeats)
+        try:
+            for peer in peers:
+                self._retry(
+                    lambda _lost, p=peer: self._put_ephemeral(
+                        self._paths.peer(p.peer_id), _peer_data(p)
+                    )  # type: ignore[misc]
+                )
+            for run_id in heartbeats:
+                self._retry(
+                    lambda _lost, r=run_id: self._put_ephemeral(self._paths.heartbeat(r), b"")  # type: ignore[misc]
+                )
+        except (StoreUnavailable, KazooException) as exc:
+            log.warning("re-creating ephemeral nodes failed (%r); next reconnection retries", exc)
+            self._session_id = -1  # differs from every session: the next connection retries
+
+    def _dispatch(self, call: Callable[[], None]) -> None:
+        self._events.put(call)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            call = self._events.get()
+            if call is None:
+                return
+            try:
+                call()
+            except Exception:
+                log.exception("a coordination store callback failed")
+
+
+def _peer_data(peer: PeerInfo) -> bytes:
+    return json.dumps(peer.to_json()).encode()
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]

@@ -1,0 +1,344 @@
+"""The ZooKeeper coordination store beyond the contract: several instances (peers) on one
+real ensemble, sessions that expire, connections that drop, ACLs.
+
+Each test gets its own chroot (``zk_hosts``). Waits poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.protocol.states import KazooState
+
+from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
+from distcrond.coordination.zkpaths import ZKPaths
+from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
+from distcrond.runs import RunRecord, RunState, run_id_for
+from integration.zk_fixtures import kazoo_client
+from tests.contract.test_coordination import Listener, RunEvents
+
+pytestmark = [pytest.mark.zookeeper, pytest.mark.timeout(120)]
+
+T0 = datetime(2026, 11, 27, 3, 10, tzinfo=UTC)
+SESSION = 4.0  # seconds: the ensemble's tickTime (500 ms) allows 1-10 s
+
+
+def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout}s: {what or predicate}")
+        time.sleep(0.005)  # polling a condition with a deadline
+
+
+def run(job_id: str, i: int, peer_id: str) -> RunRecord:
+    slot = T0 + timedelta(minutes=i)
+    return RunRecord(
+        run_id=run_id_for(job_id, slot),
+        job_id=job_id,
+        slot=slot,
+        node_id="n1",
+        peer_id=peer_id,
+        state=RunState.ASSIGNED,
+        created_at=slot,
+    )
+
+
+@pytest.fixture
+def hosts(request: pytest.FixtureRequest) -> str:
+    """The test's ZooKeeper connection string with its own chroot.
+
+    ``DISTCRON_TEST_ZK=host:port`` points the tests at a developer's server instead
+    of the project's ensemble.
+    """
+    dev_server = os.environ.get("DISTCRON_TEST_ZK")
+    if not dev_server:
+        return str(request.getfixturevalue("zk_hosts"))
+    chroot = f"/distcron-test-{uuid.uuid4().hex}"
+    with kazoo_client(dev_server) as client:
+        client.ensure_path(chroot)
+    return dev_server + chroot
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    with ExitStack() as s:
+        yield s
+
+
+@pytest.fixture
+def make_store(
+    hosts: str, stack: ExitStack
+) -> Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]]:
+    """A store on its own KazooClient (the test may break its connection); closed at the end."""
+
+    def build(
+        auth: tuple[str, str] | None = None,
+    ) -> tuple[ZooKeeperCoordinationStore, KazooClient]:
+        client = KazooClient(
+            hosts=hosts,
+            timeout=SESSION,
+            auth_data=[("digest", f"{auth[0]}:{auth[1]}")] if auth else None,
+        )
+        client.start(timeout=30)
+        stack.callback(client.close)
+        stack.callback(client.stop)
+        store = ZooKeeperCoordinationStore(hosts, client=client, auth=auth)
+        stack.callback(store.close)
+        return store, client
+
+    return build
+
+
+def expire_session(hosts: str, client: KazooClient) -> None:
+    """kazoo's harness trick: a second client on the same session id, then closed."""
+    states: list[str] = []
+
+    def listen(state: str) -> None:
+        states.append(state)
+
+    client.add_listener(listen)
+    session_id, password = client.client_id
+    twin = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=SESSION)
+    twin.start(timeout=30)
+    twin.stop()
+    twin.close()
+    eventually(lambda: KazooState.LOST in states, what="the session to be lost")
+
+
+def drop_connection(client: KazooClient) -> None:
+    """Cut the TCP connection under kazoo's feet: SUSPENDED, then CONNECTED again in the
+    same session (kazoo reconnects at once)."""
+    client._connection._socket.shutdown(socket.SHUT_RDWR)
+
+
+# -- leadership across peers ------------------------------------------------------
+
+
+def test_stop_election_hands_over_in_well_under_a_second_and_fences_the_old_leader(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (a, _), (b, _) = make_store(), make_store()
+    la, lb = Listener(), Listener()
+    a.start_election("a", la)
+    old = la.epoch()
+    b.start_election("b", lb)
+    assert lb.count("establish") == 0
+
+    started = time.monotonic()
+    a.stop_election()
+    new = lb.epoch()
+    handover = time.monotonic() - started
+
+    assert handover < 1.0, f"handover took {handover:.3f}s"
+    assert new > old
+    assert la.count("revoke") == 1
+    leader = a.leader()
+    assert leader is not None and (leader.peer_id, leader.epoch) == ("b", new)
+    with pytest.raises(FencedOut):
+        a.record_runs(old, [run("backup", 0, "a")])
+    with pytest.raises(FencedOut):
+        b.record_runs(old, [run("backup", 0, "a")])
+    assert b.record_runs(new, [run("backup", 0, "b")]) == [run("backup", 0, "b")]
+    assert a.get_run(run("backup", 0, "b").run_id) == run("backup", 0, "b")
+
+
+def test_an_expired_leader_is_revoked_fenced_and_contends_again(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (a, client_a), (b, _) = make_store(), make_store()
+    la, lb = Listener(), Listener()
+    a.start_election("a", la)
+    old = la.epoch()
+    b.start_election("b", lb)
+
+    expire_session(hosts, client_a)
+
+    eventually(lambda: la.count("revoke") == 1, what="a to be revoked")
+    new = lb.epoch()
+    assert new > old
+    with pytest.raises(FencedOut):
+        a.record_runs(old, [run("backup", 0, "a")])
+    assert b.get_run(run("backup", 0, "a").run_id) is None
+
+    # a is back in the election with its new session: it leads when b withdraws.
+    eventually(lambda: client_a.state == KazooState.CONNECTED, what="a to reconnect")
+    b.stop_election()
+    eventually(lambda: la.count("establish") == 2, what="a to lead again")
+    assert la.epoch() > new
+
+
+def test_a_suspended_leader_is_revoked_and_leads_again_with_a_new_epoch(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    store, client = make_store()
+    listener = Listener()
+    store.start_election("a", listener)
+    first = listener.epoch()
+
+    drop_connection(client)
+
+    eventually(lambda: listener.count("revoke") == 1, what="revoke on SUSPENDED")
+    eventually(lambda: listener.count("establish") == 2, what="leadership again")
+    second = listener.epoch()
+    assert second > first
+    with pytest.raises(FencedOut):
+        store.record_runs(first, [run("backup", 0, "a")])
+    assert store.record_runs(second, [run("backup", 0, "a")]) == [run("backup", 0, "a")]
+
+
+def test_claim_refuses_while_the_session_is_not_connected(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    from distcrond.coordination.base import StoreUnavailable
+
+    store, client = make_store()
+    listener = Listener()
+    store.start_election("a", listener)
+    store.record_runs(listener.epoch(), [run("backup", 0, "a")])
+    client.stop()  # CLOSED: as good as suspended for the claim
+
+    with pytest.raises(StoreUnavailable):
+        store.claim_run(run("backup", 0, "a").run_id, "a", T0)
+
+
+# -- membership, heartbeats -----------------------------------------------------------
+
+
+def peer(peer_id: str) -> PeerInfo:
+    return PeerInfo(peer_id=peer_id, api_url=f"http://{peer_id}:8080", started_at=T0, version="1")
+
+
+def test_a_peer_record_vanishes_with_its_session_and_comes_back_after_expiry(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (a, client_a), (b, _) = make_store(), make_store()
+    a.register_peer(peer("a"))
+    b.register_peer(peer("b"))
+    assert [p.peer_id for p in b.peers()] == ["a", "b"]
+
+    expire_session(hosts, client_a)
+    eventually(lambda: [p.peer_id for p in b.peers()] == ["a", "b"], what="a re-registered")
+
+    a.close()
+    client_a.stop()
+    eventually(lambda: [p.peer_id for p in b.peers()] == ["b"], what="a's record to vanish")
+
+
+def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, client_e) = make_store(), make_store()
+    listener = Listener()
+    leader.start_election("l", listener)
+    epoch = listener.epoch()
+    first, second = run("backup", 0, "e"), run("backup", 1, "e")
+    leader.record_runs(epoch, [first, second])
+    paths = ZKPaths()
+    with kazoo_client(hosts) as observer:
+        assert executor.claim_run(first.run_id, "e", T0) is not None
+        assert executor.claim_run(second.run_id, "e", T0) is not None
+        assert observer.exists(paths.heartbeat(first.run_id)) is not None
+
+        executor.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=T0, exit_code=0)
+        assert observer.exists(paths.heartbeat(first.run_id)) is None
+        assert observer.get_children(paths.active) == [second.run_id]
+
+        client_e.stop()  # the executing peer dies: its heartbeat goes with its session
+        eventually(lambda: observer.exists(paths.heartbeat(second.run_id)) is None)
+
+
+# -- watches across instances -------------------------------------------------------
+
+
+def test_runs_recorded_by_the_leader_reach_the_assigned_peers_watch(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, _) = make_store(), make_store()
+    listener = Listener()
+    leader.start_election("l", listener)
+    epoch = listener.epoch()
+    events = RunEvents()
+    executor.watch_runs("e", events)
+
+    mine, other = run("backup", 0, "e"), run("backup", 1, "x")
+    leader.record_runs(epoch, [mine, other])
+    eventually(lambda: events.has(mine.run_id, "assigned"))
+
+    assert executor.claim_run(mine.run_id, "e", T0) is not None
+    assert leader.request_cancel(mine.run_id)
+    eventually(lambda: events.has(mine.run_id, "cancel"))
+    assert not events.duplicate.wait(0.3)
+    assert events.run_ids() == {mine.run_id}
+
+
+def test_a_run_moved_to_another_peer_reaches_that_peers_watch(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, _) = make_store(), make_store()
+    listener = Listener()
+    leader.start_election("l", listener)
+    record = run("backup", 0, "dead")
+    leader.record_runs(listener.epoch(), [record])
+    events = RunEvents()
+    executor.watch_runs("e", events)
+
+    leader.update_run(record.run_id, peer_id="e")
+
+    eventually(lambda: events.has(record.run_id, "assigned"))
+    assert executor.runs(peer_id="dead", states=[RunState.ASSIGNED]) == []
+    assert [r.run_id for r in executor.runs(peer_id="e", states=[RunState.ASSIGNED])] == [
+        record.run_id
+    ]
+
+
+def test_a_trigger_queued_on_one_peer_wakes_the_others_watch(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (api, _), (leader, _) = make_store(), make_store()
+    calls: list[int] = []
+    leader.watch_triggers(lambda: calls.append(1))
+
+    api.request_trigger(
+        TriggerRequest(run_id=run_id_for("backup", T0), job_id="backup", slot=T0, requested_at=T0)
+    )
+
+    eventually(lambda: calls)
+    assert [t.job_id for t in leader.pending_triggers()] == ["backup"]
+
+
+# -- ACLs ---------------------------------------------------------------------------
+
+
+def test_with_digest_auth_only_that_identity_reads_or_writes(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    store, _ = make_store(auth=("distcron", "s3cret"))
+    listener = Listener()
+    store.start_election("a", listener)
+    store.record_runs(listener.epoch(), [run("backup", 0, "a")])
+    store.register_peer(peer("a"))
+    paths = ZKPaths()
+
+    with kazoo_client(hosts) as anonymous:
+        for path in (paths.runs, paths.run_bucket("backup"), paths.epoch, paths.peer("a")):
+            with pytest.raises(NoAuthError):
+                anonymous.get(path)
+        with pytest.raises(NoAuthError):
+            anonymous.set(paths.epoch, b"")
+
+    other, _ = make_store(auth=("distcron", "s3cret"))
+    assert [r.run_id for r in other.runs()] == [run("backup", 0, "a").run_id]
