@@ -120,7 +120,8 @@ class Daemon:
                 self.clock,
                 supported_types=runners.keys(),
                 retention=s.run_retention,
-                on_fenced=self.request_stop,
+                # Deposed mid-pass: stop scheduling (the store's election decides what next).
+                on_fenced=lambda: monitor.revoke_leadership(),
             )
             self._scheduler = scheduler
             coordination.watch_triggers(scheduler.triggers_queued)
@@ -132,6 +133,8 @@ class Daemon:
             monitor = LeadershipMonitor(scheduler)
             coordination.start_election(s.peer_id, monitor)
             stack.callback(coordination.stop_election)
+            # Stop scheduling before abdicating, so that no pass is fenced out mid-way.
+            stack.callback(monitor.revoke_leadership)
 
             self._stop.wait()
             log.info("stopping peer %s", s.peer_id)

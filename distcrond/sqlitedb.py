@@ -69,6 +69,7 @@ class SQLiteDatabase:
         self._busy_timeout = busy_timeout
         self._max_idle = max_idle
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer of this process at a time
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
         self._pid = os.getpid()
@@ -108,8 +109,14 @@ class SQLiteDatabase:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error."""
-        with self.connection() as conn:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error.
+
+        This process's writers take turns on a lock first: SQLite's busy handler makes a
+        waiting writer sleep in growing steps (up to 100 ms), so two hundred threads
+        contending inside SQLite wait far longer than queueing here, and some hit the
+        busy timeout. Other processes (the API workers) still meet the busy timeout.
+        """
+        with self._write_lock, self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

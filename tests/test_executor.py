@@ -13,6 +13,7 @@ import pytest
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.coordination.base import StoreUnavailable
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.execution.executor import Executor
 from distcrond.execution.local import LocalRunner
@@ -264,3 +265,37 @@ def test_runs_of_a_peer_known_to_be_gone_are_adopted_or_settled(h: Harness) -> N
     assert adopted.state is RunState.SUCCEEDED and adopted.peer_id == "p1"
     interrupted = h.wait_report(was_running.run_id)
     assert interrupted.state is RunState.UNKNOWN and "old" in interrupted.reason
+
+
+class FlakyReports(SQLiteReportStore):
+    """The real store, unavailable for its first ``failures`` writes (a locked or down store)."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def write(self, reports: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("reports: database is locked")
+        super().write(reports)
+
+
+def test_outcome_is_recorded_once_the_report_store_is_back(h: Harness, tmp_path: Path) -> None:
+    flaky = FlakyReports(tmp_path / "flaky.sqlite3", failures=2)
+    h.reports.close()
+    h.reports = flaky
+    h.executor = Executor(
+        h.coordination, flaky, {"local": h.runner}, lambda: h.config, "p1", h.clock
+    )
+    h.job("hello")
+    h.executor.start()
+    record = h.assign("hello")
+    assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
+    assert flaky.failures == 0
+    for _ in range(250):
+        stored = h.coordination.get_run(record.run_id)
+        if stored is not None and stored.state is RunState.SUCCEEDED:
+            break
+        threading.Event().wait(0.02)
+    assert stored is not None and stored.state is RunState.SUCCEEDED

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,12 +21,15 @@ from datetime import datetime, timedelta
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
-from distcrond.coordination.base import CoordinationStore
+from distcrond.coordination.base import CoordinationStore, StoreUnavailable
 from distcrond.execution.base import Runner, RunOutcome, RunRequest
 from distcrond.reporting.base import ReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, format_slot
 
 log = logging.getLogger("distcrond.executor")
+
+# How long a finished run's report and state are retried while a store is unavailable.
+SETTLE_PATIENCE = 300.0
 
 
 @dataclass
@@ -175,14 +179,7 @@ class Executor:
             stderr=outcome.stderr,
             output_truncated=outcome.output_truncated,
         )
-        self._reports.write([report])
-        self._coordination.finish_run(
-            record.run_id,
-            state,
-            ended_at=outcome.ended_at,
-            exit_code=outcome.exit_code,
-            reason=reason,
-        )
+        self._settle(report)
         log.info(
             "run %s on %s: %s%s",
             record.run_id,
@@ -248,9 +245,34 @@ class Executor:
         report = RunReport.from_record(
             record, state=state, peer_id=self._peer_id, ended_at=now, reason=reason
         )
-        self._reports.write([report])
-        self._coordination.finish_run(record.run_id, state, ended_at=now, reason=reason)
+        self._settle(report)
         log.warning("run %s: %s (%s)", record.run_id, state.value, reason)
+
+    def _settle(self, report: RunReport) -> None:
+        """Write the report, then the terminal state, retrying through a store outage:
+        a run that ran must be reported, and its record must not stay active."""
+        delay = 0.1
+        deadline = self._clock.monotonic() + SETTLE_PATIENCE
+        while True:
+            try:
+                self._reports.write([report])
+                self._coordination.finish_run(
+                    report.run_id,
+                    report.state,
+                    ended_at=report.ended_at or self._clock.now(),
+                    exit_code=report.exit_code,
+                    reason=report.reason,
+                )
+                return
+            except StoreUnavailable as e:
+                if self._clock.monotonic() > deadline:
+                    log.error("run %s: its outcome could not be recorded: %s", report.run_id, e)
+                    raise
+                log.warning(
+                    "run %s: cannot record its outcome yet (%s); retrying", report.run_id, e
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- recovery --------------------------------------------------------------
     def _recover(self, peer_ids: list[str]) -> None:

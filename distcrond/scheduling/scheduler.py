@@ -131,7 +131,7 @@ class Scheduler:
                 self._wake.wait(self._sleep_time())
                 self._wake.clear()
         except FencedOut:
-            log.error("leadership lost: epoch %d is fenced out; scheduling stops", self._epoch)
+            log.warning("deposed: epoch %d is fenced out; scheduling stops", self._epoch)
             self._stop.set()
             if self._on_fenced is not None:
                 self._on_fenced()
