@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoAuthError
+from kazoo.exceptions import ConnectionLoss, NoAuthError
 from kazoo.protocol.states import KazooState
 
 from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
@@ -108,10 +108,18 @@ def expire_session(hosts: str, client: KazooClient) -> None:
 
     client.add_listener(listen)
     session_id, password = client.client_id
-    twin = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=SESSION)
-    twin.start(timeout=30)
-    twin.stop()
-    twin.close()
+    for attempt in range(5):
+        twin = KazooClient(hosts=hosts, client_id=(session_id, password), timeout=SESSION)
+        try:
+            twin.start(timeout=30)
+        except ConnectionLoss:  # the server may drop the twin's first handshake; try again
+            if attempt == 4:
+                raise
+            continue
+        finally:
+            twin.stop()
+            twin.close()
+        break
     eventually(lambda: KazooState.LOST in states, what="the session to be lost")
 
 
@@ -164,7 +172,12 @@ def test_an_expired_leader_is_revoked_fenced_and_contends_again(
 
     expire_session(hosts, client_a)
 
-    eventually(lambda: la.count("revoke") == 1, what="a to be revoked")
+    # SUSPENDED may come first (and a brief re-establish before LOST): what counts is
+    # that a ends revoked and b leads.
+    eventually(
+        lambda: la.count("revoke") >= 1 and la.events[-1][0] == "revoke",
+        what="a to be revoked",
+    )
     new = lb.epoch()
     assert new > old
     with pytest.raises(FencedOut):
@@ -173,8 +186,9 @@ def test_an_expired_leader_is_revoked_fenced_and_contends_again(
 
     # a is back in the election with its new session: it leads when b withdraws.
     eventually(lambda: client_a.state == KazooState.CONNECTED, what="a to reconnect")
+    established = la.count("establish")
     b.stop_election()
-    eventually(lambda: la.count("establish") == 2, what="a to lead again")
+    eventually(lambda: la.count("establish") > established, what="a to lead again")
     assert la.epoch() > new
 
 

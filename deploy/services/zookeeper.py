@@ -298,6 +298,9 @@ class Ensemble:
 
     def _is_our_server(self, pid: int, n: int) -> bool:
         """Guard against a recycled pid: the process must run this server's zoo.cfg."""
+        proc = self._children.get(pid)
+        if proc is not None:  # started by this object: its own handle is the truth
+            return proc.poll() is None
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -394,7 +397,15 @@ class Ensemble:
         for n in to_start:
             self.start_server(n)
         try:
-            self.wait_serving(self.ids, timeout)
+            try:
+                self.wait_serving(self.ids, timeout)
+            except EnsembleError as first:
+                # A JVM that dies at once (seen rarely, right after a previous ensemble
+                # stopped) gets one more start before the ensemble is declared broken.
+                _say(f"retrying once: {str(first).splitlines()[0]}")
+                for n in to_start:
+                    self.start_server(n)
+                self.wait_serving(self.ids, timeout)
         except EnsembleError:
             # Leave no half-started ensemble behind; the logs stay for a look.
             for n in to_start:

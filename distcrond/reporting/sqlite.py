@@ -59,16 +59,17 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
 class SQLiteReportStore(ReportStore):
     """Run reports in SQLite; thread-safe, and safe to open from several processes.
 
-    Writes are synchronous=FULL: a report is on disk when ``write`` returns.
+    Writes are WAL with synchronous=NORMAL, like the coordination store: a report
+    survives a crash of any process once ``write`` returns; a power failure may lose
+    the last commits of both files together (the run then ends ``unknown``). FULL
+    would fsync every report, and runs finishing together would queue on it.
     """
 
     backend = "sqlite"
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._db = SQLiteDatabase(
-            self.path, schema=_SCHEMA, version=SCHEMA_VERSION, synchronous="FULL"
-        )
+        self._db = SQLiteDatabase(self.path, schema=_SCHEMA, version=SCHEMA_VERSION)
 
     def write(self, reports: Sequence[RunReport]) -> None:
         """Store the reports in one transaction; a report replaces the one with its run id."""
