@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 from contextlib import ExitStack
 from types import FrameType
@@ -32,6 +33,8 @@ from distcrond.settings import Settings
 from distcrond.stores import open_coordination, open_reports
 
 log = logging.getLogger("distcrond.daemon")
+
+SWITCH_INTERVAL = 0.0005  # seconds
 
 
 def snapshot_of(peer_id: str, config: LoadedConfig) -> ConfigSnapshot:
@@ -70,6 +73,10 @@ class Daemon:
         signal.signal(signal.SIGINT, handler)
 
     def run(self) -> int:
+        # Runs' threads (capture, store writes) hold the GIL in bursts; a waiting thread
+        # gets it only at the switch interval (5 ms by default), which is pure lateness
+        # for the scheduler and for the thread about to spawn a due run.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         s = self.settings
         with ExitStack() as stack:
             s.state_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,6 +71,8 @@ class SQLiteDatabase:
         self._max_idle = max_idle
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer of this process at a time
+        self._checkpointer: threading.Thread | None = None
+        self._checkpoint_every = 1.0
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
         self._pid = os.getpid()
@@ -88,6 +91,9 @@ class SQLiteDatabase:
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # No checkpoint inside a commit (it would fsync while this process's writers
+            # wait on the write lock); a background thread checkpoints instead.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
         return conn
@@ -116,6 +122,7 @@ class SQLiteDatabase:
         contending inside SQLite wait far longer than queueing here, and some hit the
         busy timeout. Other processes (the API workers) still meet the busy timeout.
         """
+        self._ensure_checkpointer()
         with self._write_lock, self.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -151,6 +158,34 @@ class SQLiteDatabase:
         return self._closed
 
     # -- internals -----------------------------------------------------------
+    def _ensure_checkpointer(self) -> None:
+        """Start (once per process that writes) the thread that folds the WAL back into the
+        database, PASSIVE so that it never blocks a writer or a reader."""
+        with self._lock:
+            if self._checkpointer is not None and self._checkpointer.is_alive():
+                return
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop,
+                name=f"sqlite-checkpoint:{self.path.name}",
+                daemon=True,
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._closed:
+                time.sleep(self._checkpoint_every)
+                try:
+                    if conn is None:
+                        conn = self.open_connection()
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except (sqlite3.Error, StoreUnavailable):
+                    pass  # busy or not there yet: the next round checkpoints
+        finally:
+            if conn is not None:
+                conn.close()
+
     def _checkout(self) -> sqlite3.Connection:
         with self._lock:
             if self._closed:
