@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from distcrond.settings import Settings
+from distcrond.settings import ZK_AUTH_ENV, Settings
 
 log = logging.getLogger("distcrond.api_process")
 
@@ -91,7 +91,10 @@ class APIProcess:
             "--parent-pid",
             str(os.getpid()),
         ]
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        env = dict(os.environ)
+        if self._settings.zk_auth:  # secrets go by the environment, not argv (ps shows argv)
+            env[ZK_AUTH_ENV] = self._settings.zk_auth
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections.

@@ -53,6 +53,19 @@ def _seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _zk_root(value: str) -> str:
+    if not value.startswith("/") or (value != "/" and value.endswith("/")) or "//" in value:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a znode path like /distcron")
+    return value
+
+
+def _zk_auth(value: str) -> str:
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distcrond",
@@ -141,6 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT,... of a ZooKeeper ensemble: cluster mode (env DISTCRON_ZOOKEEPER)",
     )
     p.add_argument(
+        "--zk-root",
+        type=_zk_root,
+        default=_env("ZK_ROOT", "/distcron"),
+        help="this cluster's znode under which everything lives; several clusters can share "
+        "an ensemble (env DISTCRON_ZK_ROOT; default %(default)s)",
+    )
+    p.add_argument(
+        "--zk-session-timeout",
+        type=_seconds,
+        default=_seconds(_env("ZK_SESSION_TIMEOUT", "4s") or "4s"),
+        help="ZooKeeper session timeout: how long a crashed peer (or leader) keeps its runs "
+        "(or leadership); the ensemble's tickTime bounds it to 2-20 ticks "
+        "(env DISTCRON_ZK_SESSION_TIMEOUT; default 4s)",
+    )
+    p.add_argument(
+        "--zk-auth",
+        default=_env("ZK_AUTH"),
+        metavar="USER:PASSWORD",
+        type=_zk_auth,
+        help="ZooKeeper digest auth; everything distcrond creates is then readable and writable "
+        "by that identity only. Prefer the environment (DISTCRON_ZK_AUTH): flags show in ps",
+    )
+    p.add_argument(
         "--es-url",
         dest="es_urls",
         action="append",
@@ -185,6 +221,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         es_urls=tuple(es_urls),
         zookeeper=args.zookeeper or None,
+        zk_root=args.zk_root,
+        zk_session_timeout=args.zk_session_timeout,
+        zk_auth=args.zk_auth or None,
         max_concurrent_runs=args.max_concurrent_runs,
         run_retention_seconds=args.run_retention,
         shutdown_grace=args.shutdown_grace,
@@ -210,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(settings)
 
     from distcrond.api_process import APIStartError
+    from distcrond.coordination.base import StoreUnavailable
     from distcrond.coordination.sqlite import StateDirLocked
     from distcrond.daemon import Daemon
     from distcrond.stores import UnsupportedBackend
@@ -218,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     daemon.install_signal_handlers()
     try:
         return daemon.run()
-    except (UnsupportedBackend, StateDirLocked, APIStartError) as e:
+    except (UnsupportedBackend, StateDirLocked, APIStartError, StoreUnavailable) as e:
         log.error("%s", e)
         return 2
     except OSError as e:

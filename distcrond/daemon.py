@@ -27,7 +27,6 @@ from distcrond.execution.base import Runner
 from distcrond.execution.executor import Executor
 from distcrond.execution.local import LocalRunner
 from distcrond.leadership import LeadershipMonitor
-from distcrond.runs import ACTIVE_STATES
 from distcrond.scheduling.scheduler import Scheduler
 from distcrond.settings import Settings
 from distcrond.stores import open_coordination, open_reports
@@ -109,7 +108,9 @@ class Daemon:
                 self.clock,
                 s.max_concurrent_runs,
             )
-            executor.start(adopt_from=self._dead_peers(coordination) if not s.zookeeper else ())
+            if not s.zookeeper:
+                self._forget_dead_peers(coordination)
+            executor.start()
             stack.callback(executor.stop, s.shutdown_grace)
 
             self._publish(config)
@@ -148,17 +149,14 @@ class Daemon:
         log.info("peer %s stopped", s.peer_id)
         return 0
 
-    def _dead_peers(self, coordination: CoordinationStore) -> set[str]:
+    def _forget_dead_peers(self, coordination: CoordinationStore) -> None:
         """Standalone: the state lock proves no other peer uses these files, so every other
-        peer on record is gone (a peer id changed across a crash): forget them, adopt their runs.
-        """
-        dead = {p.peer_id for p in coordination.peers()}
-        dead |= {r.peer_id for r in coordination.runs(states=ACTIVE_STATES) if r.peer_id}
-        dead.discard(self.settings.peer_id)
-        for peer_id in dead:
-            log.warning("peer %s is gone; this peer takes over its unfinished runs", peer_id)
-            coordination.unregister_peer(peer_id)
-        return dead
+        peer on record is gone (a peer id changed across a crash): unregister them, and the
+        scheduler settles their runs like those of any lost peer."""
+        for peer in coordination.peers():
+            if peer.peer_id != self.settings.peer_id:
+                log.warning("peer %s is gone; its unfinished runs will be settled", peer.peer_id)
+                coordination.unregister_peer(peer.peer_id)
 
     def _on_config(self, config: LoadedConfig) -> None:
         log.info(

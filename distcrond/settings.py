@@ -8,6 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+ZK_AUTH_ENV = "DISTCRON_ZK_AUTH"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -21,8 +23,13 @@ class Settings:
     log_level: str = "INFO"
     # Reports go to Elasticsearch when es_urls is set (a later issue), else to SQLite.
     es_urls: tuple[str, ...] = ()
-    # Coordination goes to ZooKeeper when set (a later issue), else to SQLite.
+    # Coordination goes to ZooKeeper when set (cluster mode), else to SQLite.
     zookeeper: str | None = None
+    zk_root: str = "/distcron"
+    # Also the failover time after a crash: a dead leader's session must expire first.
+    zk_session_timeout: float = 4.0
+    # "user:password" for ZooKeeper digest auth; never in to_json (it would show in ps).
+    zk_auth: str | None = None
     max_concurrent_runs: int = 256
     # Finished run records leave the coordination store after this (history stays in reports).
     run_retention_seconds: float = 900.0
@@ -36,6 +43,13 @@ class Settings:
     @property
     def reports_db(self) -> Path:
         return self.state_dir / "reports.sqlite3"
+
+    @property
+    def zk_credentials(self) -> tuple[str, str] | None:
+        if not self.zk_auth:
+            return None
+        user, _, password = self.zk_auth.partition(":")
+        return user, password
 
     @property
     def run_retention(self) -> timedelta:
@@ -58,6 +72,8 @@ class Settings:
             "log_level": self.log_level,
             "es_urls": list(self.es_urls),
             "zookeeper": self.zookeeper,
+            "zk_root": self.zk_root,
+            "zk_session_timeout": self.zk_session_timeout,
             "max_concurrent_runs": self.max_concurrent_runs,
             "run_retention_seconds": self.run_retention_seconds,
             "shutdown_grace": self.shutdown_grace,
@@ -76,6 +92,8 @@ class Settings:
             log_level=data.get("log_level", "INFO"),
             es_urls=tuple(data.get("es_urls", ())),
             zookeeper=data.get("zookeeper"),
+            zk_root=data.get("zk_root", "/distcron"),
+            zk_session_timeout=float(data.get("zk_session_timeout", 4.0)),
             max_concurrent_runs=int(data.get("max_concurrent_runs", 256)),
             run_retention_seconds=float(data.get("run_retention_seconds", 900.0)),
             shutdown_grace=float(data.get("shutdown_grace", 10.0)),

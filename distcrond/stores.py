@@ -12,8 +12,17 @@ class UnsupportedBackend(Exception):
 
 
 def open_coordination(settings: Settings) -> CoordinationStore:
+    """ZooKeeper when ``--zookeeper`` is given (StoreUnavailable if it cannot be reached in
+    the session timeout), else the embedded SQLite store under ``--state-dir``."""
     if settings.zookeeper:
-        raise UnsupportedBackend("ZooKeeper coordination (--zookeeper) is not available yet")
+        from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
+
+        return ZooKeeperCoordinationStore(
+            settings.zookeeper,
+            root=settings.zk_root,
+            session_timeout=settings.zk_session_timeout,
+            auth=settings.zk_credentials,
+        )
     from distcrond.coordination.sqlite import SQLiteCoordinationStore
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,9 @@ class Peer:
         tmp.rename(path)
         return path
 
-    def start(self, wait: bool = True) -> Peer:
+    def start(self, wait: bool = True, leader: bool = True) -> Peer:
+        """Start the daemon; with ``wait``, until its API answers (and, with ``leader``, until
+        it says it leads: a standalone peer always does)."""
         argv = [
             DISTCROND,
             "--jobs-dir",
@@ -159,18 +161,20 @@ class Peer:
         )
         log.close()
         if wait:
-            self.wait_healthy()
+            self.wait_healthy(leader=leader)
         return self
 
-    def wait_healthy(self, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_healthy(self, timeout: float = 20.0, leader: bool = True) -> dict[str, Any]:
         def healthy() -> dict[str, Any] | None:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"distcrond exited with {self.proc.returncode}:\n{self.log()}")
             r = requests.get(f"{self.url}/api/v1/health", timeout=2)
-            return r.json() if r.status_code == 200 and r.json().get("is_leader") else None
+            ok = r.status_code == 200 and (r.json().get("is_leader") or not leader)
+            return r.json() if ok else None
 
-        return wait_for(healthy, timeout, f"{self.peer_id} to be healthy and leader")
+        what = f"{self.peer_id} to be healthy" + (" and leader" if leader else "")
+        return wait_for(healthy, timeout, what)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -270,8 +270,33 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
         assert observer.exists(paths.heartbeat(first.run_id)) is None
         assert observer.get_children(paths.active) == [second.run_id]
 
+        assert leader.executing_runs() == {second.run_id}
+
         client_e.stop()  # the executing peer dies: its heartbeat goes with its session
         eventually(lambda: observer.exists(paths.heartbeat(second.run_id)) is None)
+        assert leader.executing_runs() == set()
+        assert leader.get_run(second.run_id).state is RunState.RUNNING  # type: ignore[union-attr]
+
+
+def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, client_e) = make_store(), make_store()
+    listener = Listener()
+    leader.start_election("l", listener)
+    epoch = listener.epoch()
+    before, after = run("backup", 0, "e"), run("backup", 1, "e")
+    leader.record_runs(epoch, [before, after])
+    executor.register_peer(peer("e"))
+    assert executor.claim_run(before.run_id, "e", T0) is not None
+
+    expire_session(hosts, client_e)
+    eventually(lambda: "e" in [p.peer_id for p in leader.peers()], what="e re-registered")
+    assert before.run_id not in leader.executing_runs()
+
+    assert executor.claim_run(after.run_id, "e", T0) is not None
+    assert leader.executing_runs() == {after.run_id}
 
 
 # -- watches across instances -------------------------------------------------------

@@ -243,28 +243,32 @@ def test_stop_cancels_runs_still_going_after_the_grace(h: Harness, tmp_path: Pat
     assert report.trigger is Trigger.SCHEDULE
 
 
-def test_runs_of_a_peer_known_to_be_gone_are_adopted_or_settled(h: Harness) -> None:
+def test_runs_this_peer_left_running_are_settled_at_start(h: Harness) -> None:
     h.job("orphan")
+    h.job("idempotent", delivery="at_least_once")
     slot = datetime.now(UTC)
-    never_started = RunRecord(
+    lost = RunRecord(
         run_id=run_id_for("orphan", slot),
         job_id="orphan",
         slot=slot,
         node_id="n1",
-        peer_id="old",
+        peer_id="p1",
         state=RunState.ASSIGNED,
         epoch=h.epoch,
     )
-    was_running = never_started.replace(run_id=run_id_for("orphan", slot, "n1"))
-    h.coordination.record_runs(h.epoch, [never_started, was_running])
-    h.coordination.claim_run(was_running.run_id, "old", slot)
+    again = lost.replace(
+        run_id=run_id_for("idempotent", slot), job_id="idempotent", at_least_once=True
+    )
+    h.coordination.record_runs(h.epoch, [lost, again])
+    h.coordination.claim_run(lost.run_id, "p1", slot)  # by this peer's previous process
+    h.coordination.claim_run(again.run_id, "p1", slot)
 
-    h.executor.start(adopt_from=["old"])
+    h.executor.start()
 
-    adopted = h.wait_report(never_started.run_id)
-    assert adopted.state is RunState.SUCCEEDED and adopted.peer_id == "p1"
-    interrupted = h.wait_report(was_running.run_id)
-    assert interrupted.state is RunState.UNKNOWN and "old" in interrupted.reason
+    interrupted = h.wait_report(lost.run_id)
+    assert interrupted.state is RunState.UNKNOWN and "outcome unknown" in interrupted.reason
+    rerun = h.wait_report(again.run_id)
+    assert rerun.state is RunState.SUCCEEDED and rerun.peer_id == "p1"
 
 
 class FlakyReports(SQLiteReportStore):

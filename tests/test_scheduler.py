@@ -17,7 +17,7 @@ from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
-from distcrond.runs import RunRecord, RunState, Trigger, run_id_for
+from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
 from distcrond.scheduling.scheduler import Scheduler
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
@@ -333,3 +333,105 @@ def test_a_schedule_that_never_fires_does_not_stop_other_jobs(h: Harness) -> Non
     h.at(0)
     h.at(1)
     assert [r.job_id for r in h.records()] == ["tick"]
+
+
+# -- runs of peers that are gone ---------------------------------------------------------
+
+
+def pinned_node(node_id: str, peer: str) -> NodeSpec:
+    return NodeSpec.model_validate({"id": node_id, "connection_type": "local", "peer": peer})
+
+
+def orphan(h: Harness, epoch: int, job_id: str, peer: str, node: str = "n1", **f: Any) -> RunRecord:
+    """A run recorded for ``peer`` (registered now; the test unregisters it to make it gone)."""
+    h.coordination.register_peer(PeerInfo(peer, "http://y", T0, "test"))
+    record = RunRecord(
+        run_id=run_id_for(job_id, T0),
+        job_id=job_id,
+        slot=T0,
+        node_id=node,
+        peer_id=peer,
+        state=RunState.ASSIGNED,
+        epoch=epoch,
+        **f,
+    )
+    h.coordination.record_runs(epoch, [record])
+    return record
+
+
+def test_a_run_assigned_to_a_peer_that_is_gone_moves_to_a_live_peer(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    epoch = h.lead()
+    record = orphan(h, epoch, "tick", "old")
+    h.at(0.1)
+    assert h.coordination.get_run(record.run_id) == record  # "old" is alive: left alone
+
+    h.coordination.unregister_peer("old")
+    h.at(1.2)
+    moved = h.coordination.get_run(record.run_id)
+    assert moved == record.replace(peer_id="p1")
+
+
+def test_a_run_pinned_to_a_peer_that_is_gone_fails_with_the_reason(h: Harness) -> None:
+    h.set_jobs(
+        make_job("tick", schedule={"interval": "1h"}),
+        nodes={"n1": local_node("n1"), "pinned": pinned_node("pinned", "old")},
+    )
+    epoch = h.lead()
+    record = orphan(h, epoch, "tick", "old", node="pinned")
+    h.coordination.unregister_peer("old")
+    h.at(1.2)
+    failed = h.coordination.get_run(record.run_id)
+    assert failed is not None and failed.state is RunState.FAILED
+    assert "peer old is gone" in failed.reason and "pinned" in failed.reason
+    report = h.reports.get(record.run_id)
+    assert report is not None and report.state is RunState.FAILED
+
+
+def test_a_run_whose_peer_was_lost_mid_run_ends_unknown_and_is_reported(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    epoch = h.lead()
+    record = orphan(h, epoch, "tick", "old")
+    h.coordination.claim_run(record.run_id, "old", T0)
+    h.at(0.1)
+    assert h.coordination.get_run(record.run_id).state is RunState.RUNNING  # type: ignore[union-attr]
+
+    h.coordination.unregister_peer("old")
+    h.at(1.2)
+    settled = h.coordination.get_run(record.run_id)
+    assert settled is not None and settled.state is RunState.UNKNOWN
+    assert "peer old was lost" in settled.reason and "outcome unknown" in settled.reason
+    report = h.reports.get(record.run_id)
+    assert report is not None and report.state is RunState.UNKNOWN
+    h.at(2.5)
+    assert h.records(job_id="tick") == [settled]  # settled once, not run again
+
+
+def test_a_lost_run_whose_report_was_written_takes_the_reports_outcome(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    epoch = h.lead()
+    record = orphan(h, epoch, "tick", "old")
+    claimed = h.coordination.claim_run(record.run_id, "old", T0)
+    assert claimed is not None
+    ended = T0 + timedelta(seconds=1)
+    h.reports.write(
+        [RunReport.from_record(claimed, state=RunState.SUCCEEDED, exit_code=0, ended_at=ended)]
+    )
+    h.coordination.unregister_peer("old")  # died between its report and its record
+    h.at(1.2)
+    settled = h.coordination.get_run(record.run_id)
+    assert settled is not None
+    assert (settled.state, settled.exit_code, settled.ended_at) == (RunState.SUCCEEDED, 0, ended)
+
+
+def test_an_at_least_once_run_lost_mid_run_is_assigned_again_under_its_id(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}, delivery="at_least_once"))
+    epoch = h.lead()
+    record = orphan(h, epoch, "tick", "old", at_least_once=True)
+    h.coordination.claim_run(record.run_id, "old", T0)
+    h.coordination.unregister_peer("old")
+    h.at(1.2)
+    again = h.coordination.get_run(record.run_id)
+    assert again is not None
+    assert (again.state, again.peer_id, again.started_at) == (RunState.ASSIGNED, "p1", None)
+    assert "at_least_once" in again.reason

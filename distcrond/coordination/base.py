@@ -12,13 +12,19 @@ Promises every backend keeps:
 * ``claim_run`` is a compare-and-set from ``assigned`` to ``running`` for the
   assigned peer: of any number of concurrent claims, at most one succeeds.
 * Every write is idempotent: repeating it after a lost reply changes nothing.
+* ``update_run`` and ``finish_run`` take ``expect`` (field -> value): the change
+  is made only if the record still has those values, in the same
+  compare-and-set, so that a decision taken on a read cannot apply to a run
+  that changed meanwhile.
+* ``executing_runs`` is liveness: a run claimed by a peer whose session (or
+  process) has ended is ``running`` in its record but not in that set.
 * Watch callbacks run on a thread of the store's and must not block.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -125,6 +131,11 @@ class LeadershipListener(Protocol):
     def revoke_leadership(self) -> None: ...
 
 
+def has_values(record: RunRecord, expect: Mapping[str, Any] | None) -> bool:
+    """Whether ``record`` has every field value of ``expect`` (None: no condition)."""
+    return not expect or all(getattr(record, k) == v for k, v in expect.items())
+
+
 class CoordinationStore(ABC):
     """Shared coordination state. Thread-safe; one instance per process."""
 
@@ -200,8 +211,11 @@ class CoordinationStore(ABC):
         """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
 
     @abstractmethod
-    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
-        """Change fields of an active run (attempt, reason...); None if it is unknown."""
+    def update_run(
+        self, run_id: str, *, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> RunRecord | None:
+        """Change fields of an active run (attempt, reason...); None if it is unknown,
+        finished, or does not have the ``expect`` values."""
 
     @abstractmethod
     def finish_run(
@@ -212,8 +226,15 @@ class CoordinationStore(ABC):
         ended_at: datetime,
         exit_code: int | None = None,
         reason: str = "",
+        expect: Mapping[str, Any] | None = None,
     ) -> RunRecord | None:
-        """Move an active run to a terminal state (idempotent: a finished run stays as it was)."""
+        """Move an active run to a terminal state (idempotent: a finished run stays as it was).
+        With ``expect``, an active run without those values is returned unchanged."""
+
+    @abstractmethod
+    def executing_runs(self) -> set[str]:
+        """Ids of the runs whose executing peer holds them now: claimed (``running``), and that
+        peer's session (ZooKeeper) or registration (embedded) still alive."""
 
     @abstractmethod
     def request_cancel(self, run_id: str) -> bool:

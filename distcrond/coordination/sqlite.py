@@ -38,7 +38,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +55,7 @@ from distcrond.coordination.base import (
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
+    has_values,
 )
 from distcrond.runs import ACTIVE_STATES, RunRecord, RunState, format_slot, parse_slot
 from distcrond.sqlitedb import SQLiteDatabase, to_us
@@ -461,6 +462,17 @@ class SQLiteCoordinationStore(CoordinationStore):
             rows = conn.execute(sql, params).fetchall()
         return [RunRecord.from_json(json.loads(data)) for (data,) in rows]
 
+    def executing_runs(self) -> set[str]:
+        """Running runs of registered peers (a peer that stops unregisters; a crashed one is
+        unregistered by the next peer that opens these files)."""
+        with self._db.connection() as conn:
+            rows = conn.execute(
+                "SELECT run_id FROM runs "
+                "WHERE state = ? AND peer_id IN (SELECT peer_id FROM peers)",
+                (RunState.RUNNING.value,),
+            ).fetchall()
+        return {run_id for (run_id,) in rows}
+
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """assigned -> running, if assigned to ``peer_id``; the updated record, else None."""
 
@@ -472,7 +484,9 @@ class SQLiteCoordinationStore(CoordinationStore):
         record, _ = self._modify(run_id, change)
         return record
 
-    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
+    def update_run(
+        self, run_id: str, *, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> RunRecord | None:
         """Change fields of an active run; the updated record, or None if unknown or finished.
 
         ``run_id``, ``job_id`` and ``slot`` cannot change, and a terminal state
@@ -487,7 +501,9 @@ class SQLiteCoordinationStore(CoordinationStore):
                 raise ValueError("use finish_run to end a run")
 
         def change(record: RunRecord) -> RunRecord | None:
-            return record.replace(**changes) if not record.state.terminal else None
+            if record.state.terminal or not has_values(record, expect):
+                return None
+            return record.replace(**changes)
 
         record, _ = self._modify(run_id, change)
         return record
@@ -500,6 +516,7 @@ class SQLiteCoordinationStore(CoordinationStore):
         ended_at: datetime,
         exit_code: int | None = None,
         reason: str = "",
+        expect: Mapping[str, Any] | None = None,
     ) -> RunRecord | None:
         """Active -> ``state`` (terminal); a finished run is returned as stored; None if unknown."""
         state = RunState(state)
@@ -507,7 +524,7 @@ class SQLiteCoordinationStore(CoordinationStore):
             raise ValueError(f"{state} is not a terminal state")
 
         def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal:
+            if record.state.terminal or not has_values(record, expect):
                 return None
             return record.replace(
                 state=state, ended_at=ended_at, exit_code=exit_code, reason=reason

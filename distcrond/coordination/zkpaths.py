@@ -121,6 +121,10 @@ class ZKPaths:
     def cancel(self, peer_id: str, run_id: str) -> str:
         return self._join("cancels", _name(peer_id), _name(run_id))
 
+    @property
+    def heartbeats(self) -> str:
+        return self._join("heartbeats")
+
     def heartbeat(self, run_id: str) -> str:
         return self._join("heartbeats", _name(run_id))
 

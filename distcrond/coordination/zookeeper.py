@@ -23,7 +23,8 @@ there). The essentials:
   valid": the leader is revoked at once and ``claim_run`` refuses. A
   reconnection within the session re-establishes leadership with a *new* epoch;
   LOST (session expired) means contending again, and re-creating this instance's
-  ephemeral nodes (peer records, heartbeats).
+  peer records; the heartbeats of the runs it had claimed are not re-created
+  (those runs are lost: see ``executing_runs``).
 * **Callbacks** (run and trigger watches, the leadership listener) run on one
   dispatch thread of this store, in order, never on kazoo's threads; an
   exception is logged.
@@ -40,7 +41,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -75,6 +76,7 @@ from distcrond.coordination.base import (
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
+    has_values,
 )
 from distcrond.coordination.zkpaths import ZKPaths
 from distcrond.runs import (
@@ -709,8 +711,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return sorted(records, key=_sort_key)
 
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
-        """assigned -> running for ``peer_id`` (compare-and-set on the record's version),
-        then the run's ephemeral heartbeat; None if not claimable.
+        """assigned -> running for ``peer_id``: one transaction of a compare-and-set on the
+        record's version and the create of the run's ephemeral heartbeat, so that a running
+        record without a heartbeat always means its claimer's session ended. None if not
+        claimable.
 
         Raises :class:`StoreUnavailable` unless the session is connected now: a
         peer whose session is suspended may already be considered dead.
@@ -721,6 +725,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         if job_id is None:
             return None
         path = self._paths.run(job_id, run_id)
+        heartbeat = self._paths.heartbeat(run_id)
 
         def attempt(lost: bool) -> RunRecord | None:
             for _ in range(_CAS_ATTEMPTS):
@@ -733,26 +738,38 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     return record  # the attempt whose reply was lost did commit
                 if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
                     return None
-                try:
-                    self._wait(
-                        self._client.set_async(path, _encode(claimed), version=got[1].version)
-                    )
-                except BadVersionError:
+                txn = self._client.transaction()
+                txn.set_data(path, _encode(claimed), version=got[1].version)
+                txn.create(heartbeat, b"", self._acl, ephemeral=True)
+                failed = _failure(self._wait(txn.commit_async()))
+                if failed is None:
+                    return claimed
+                index, error = failed
+                if index == 0 and isinstance(error, BadVersionError):
                     continue  # changed meanwhile: look again
-                except NoNodeError:
+                if index == 0 and isinstance(error, NoNodeError):
                     return None
-                return claimed
+                if index == 1 and isinstance(error, NodeExistsError):
+                    # Left by a session that re-created it after the run was taken from it.
+                    with contextlib.suppress(NoNodeError):
+                        self._wait(self._client.delete_async(heartbeat))
+                    continue
+                raise StoreUnavailable(f"claiming run {run_id} failed: {error!r}")
             raise StoreUnavailable("claiming: too much contention")
 
         claimed = self._retry(attempt)
         if claimed is not None:
             with self._lock:
                 self._heartbeats.add(run_id)
-            with contextlib.suppress(StoreUnavailable):
-                self._retry(lambda _lost: self._put_ephemeral(self._paths.heartbeat(run_id), b""))
         return claimed
 
-    def update_run(self, run_id: str, **changes: Any) -> RunRecord | None:
+    def executing_runs(self) -> set[str]:
+        """The runs with a heartbeat: claimed by a session that is still alive."""
+        return set(self._retry(lambda _lost: self._children(self._paths.heartbeats)))
+
+    def update_run(
+        self, run_id: str, *, expect: Mapping[str, Any] | None = None, **changes: Any
+    ) -> RunRecord | None:
         """Change fields of an active run; the updated record, or None if unknown or finished.
 
         ``run_id``, ``job_id`` and ``slot`` cannot change, and a terminal state
@@ -768,7 +785,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 raise ValueError("use finish_run to end a run")
 
         def change(record: RunRecord) -> RunRecord | None:
-            return record.replace(**changes) if not record.state.terminal else None
+            if record.state.terminal or not has_values(record, expect):
+                return None
+            return record.replace(**changes)
 
         record, _ = self._modify(run_id, change)
         return record
@@ -781,6 +800,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         ended_at: datetime,
         exit_code: int | None = None,
         reason: str = "",
+        expect: Mapping[str, Any] | None = None,
     ) -> RunRecord | None:
         """Active -> ``state`` (terminal), dropping its index entries and heartbeat in the
         same transaction; a finished run is returned as stored; None if unknown."""
@@ -789,7 +809,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             raise ValueError(f"{state} is not a terminal state")
 
         def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal:
+            if record.state.terminal or not has_values(record, expect):
                 return None
             return record.replace(
                 state=state, ended_at=ended_at, exit_code=exit_code, reason=reason
@@ -1286,25 +1306,26 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return None
 
     def _after_reconnection(self) -> None:
-        """Dispatch thread: in a new session, re-create this instance's ephemeral nodes."""
+        """Dispatch thread: in a new session, re-create this instance's peer records.
+
+        Heartbeats are not re-created: the runs claimed in the lost session are
+        over for the cluster (the leader settles them as ``unknown``, or re-runs an
+        ``at_least_once`` one); whatever the process still does is not theirs.
+        """
         session = self._current_session()
         if session is None or self._session_id is None or session == self._session_id:
             return  # the first connection (the constructor records it), or the same session
-        log.warning("new ZooKeeper session: re-creating peer records and heartbeats")
+        log.warning("new ZooKeeper session: re-creating peer records; runs claimed before are lost")
         self._session_id = session
         with self._lock:
             peers = list(self._own_peers.values())
-            heartbeats = list(self._heartbeats)
+            self._heartbeats.clear()
         try:
             for peer in peers:
                 self._retry(
                     lambda _lost, p=peer: self._put_ephemeral(
                         self._paths.peer(p.peer_id), _peer_data(p)
                     )  # type: ignore[misc]
-                )
-            for run_id in heartbeats:
-                self._retry(
-                    lambda _lost, r=run_id: self._put_ephemeral(self._paths.heartbeat(r), b"")  # type: ignore[misc]
                 )
         except (StoreUnavailable, KazooException) as exc:
             log.warning("re-creating ephemeral nodes failed (%r); next reconnection retries", exc)

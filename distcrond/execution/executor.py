@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,6 +23,7 @@ from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import CoordinationStore, StoreUnavailable
 from distcrond.execution.base import Runner, RunOutcome, RunRequest
+from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, format_slot
 
@@ -65,10 +66,10 @@ class Executor:
         self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------
-    def start(self, adopt_from: Iterable[str] = ()) -> None:
-        """Settle this peer's unfinished runs, adopt those of the ``adopt_from`` peers (known
-        dead), then take assignments."""
-        self._recover([self._peer_id, *adopt_from])
+    def start(self) -> None:
+        """Settle the runs this peer left running when it last stopped, then take assignments.
+        (The runs of other peers that are gone are the leader's to settle.)"""
+        self._recover()
         self._coordination.watch_runs(self._peer_id, self._on_run)
 
     def stop(self, grace: float) -> None:
@@ -275,41 +276,16 @@ class Executor:
                 delay = min(delay * 2, 5.0)
 
     # -- recovery --------------------------------------------------------------
-    def _recover(self, peer_ids: list[str]) -> None:
-        """Settle the runs these peers were running when they stopped without finishing them,
-        and take over the ones assigned to the other (dead) peers that never started."""
-        for peer_id in peer_ids[1:]:
-            for record in self._coordination.runs(peer_id=peer_id, states=[RunState.ASSIGNED]):
-                log.warning(
-                    "run %s: its peer %s is gone; this peer takes it", record.run_id, peer_id
-                )
-                self._coordination.update_run(record.run_id, peer_id=self._peer_id)
-        for peer_id in peer_ids:
-            for record in self._coordination.runs(peer_id=peer_id, states=[RunState.RUNNING]):
-                self._settle_interrupted(record)
-
-    def _settle_interrupted(self, record: RunRecord) -> None:
-        """A run left ``running`` by a peer that stopped: settle it by what is known of it."""
-        report = self._reports.get(record.run_id)
-        if report is not None and report.state.terminal:
-            # It finished and was reported, but its state was not recorded.
-            self._coordination.finish_run(
-                record.run_id,
-                report.state,
-                ended_at=report.ended_at or self._clock.now(),
-                exit_code=report.exit_code,
-                reason=report.reason,
-            )
-        elif record.at_least_once:
-            log.warning("run %s was interrupted; at_least_once: running it again", record.run_id)
-            self._coordination.update_run(
-                record.run_id, state=RunState.ASSIGNED, peer_id=self._peer_id
-            )
-        else:
-            self._finish_without_running(
+    def _recover(self) -> None:
+        """Runs still ``running`` on this peer id were left by its previous process."""
+        for record in self._coordination.runs(peer_id=self._peer_id, states=[RunState.RUNNING]):
+            settle_abandoned(
+                self._coordination,
+                self._reports,
                 record,
-                RunState.UNKNOWN,
-                f"peer {record.peer_id} stopped while the run was in progress; outcome unknown",
+                self._clock.now(),
+                requeue_to=self._peer_id,
+                why=f"peer {self._peer_id} stopped while the run was in progress",
             )
 
 

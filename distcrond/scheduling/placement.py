@@ -97,15 +97,20 @@ def place(
     load = Counter(peer_load)
     assignments = []
     for node in chosen:
-        peer = _executing_peer(node, run_key, live_peers, load)
+        peer = executing_peer(node, run_key, live_peers, load)
+        assert peer is not None  # eligible nodes have one
         load[peer] += 1
         assignments.append(Assignment(node.id, peer))
     return Placement(tuple(assignments))
 
 
-def _executing_peer(
+def executing_peer(
     node: NodeSpec, run_key: str, live_peers: Collection[str], load: Mapping[str, int]
-) -> str:
+) -> str | None:
+    """The peer that executes a run on ``node``: its pinned peer for a pinned local node, else
+    the least busy live peer (ties broken stably by ``run_key``); None if no live peer may."""
     if node.connection_type is ConnectionType.LOCAL and node.peer:
-        return node.peer
+        return node.peer if node.peer in live_peers else None
+    if not live_peers:
+        return None
     return min(live_peers, key=lambda p: (load.get(p, 0), _tiebreak(run_key + node.id, p)))

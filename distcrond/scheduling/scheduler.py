@@ -10,6 +10,11 @@ slow or noisy job cannot delay anybody's slot.
 
 Slots that fell due while no peer was leader (found from the cursors when
 leadership starts) follow each job's ``misfire`` policy.
+
+The leader also settles the runs of peers that are gone (every second, and
+when it takes over): a run assigned to a peer that is no longer live moves to
+a live one (it never started), and a run whose executing peer lost it (no
+heartbeat) is settled by :mod:`distcrond.recovery`.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, MisfirePolicy
 from distcrond.coordination.base import CoordinationStore, FencedOut
+from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
 from distcrond.runs import ACTIVE_STATES, RunRecord, RunReport, RunState, Trigger, run_id_for
-from distcrond.scheduling.placement import place
+from distcrond.scheduling.placement import executing_peer, place
 from distcrond.scheduling.schedules import NoSlotError, next_slot, slots_between
 
 log = logging.getLogger("distcrond.scheduler")
@@ -38,6 +44,7 @@ log = logging.getLogger("distcrond.scheduler")
 MAX_CATCH_UP_RUNS = 1000
 MAX_MISSED_RECORDS = 1000
 PRUNE_EVERY = timedelta(seconds=60)
+RECONCILE_EVERY = timedelta(seconds=1)
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Scheduler:
         self._next: dict[str, datetime] = {}
         self._heap: list[tuple[datetime, str]] = []
         self._last_prune: datetime | None = None
+        self._last_reconcile: datetime | None = None
         self._bootstrapped = False
 
     # -- control (any thread) --------------------------------------------------
@@ -140,6 +148,7 @@ class Scheduler:
             self._next.clear()
             self._heap.clear()
             self._bootstrapped = False
+            self._last_reconcile = None
             log.info("scheduler stopped (epoch %d)", self._epoch)
 
     def _sleep_time(self) -> float:
@@ -164,6 +173,7 @@ class Scheduler:
                 self._triggers_dirty = False
                 self._take_triggers()
             self._dispatch_due()
+            self._maybe_reconcile()
             self._maybe_prune()
         except FencedOut:
             raise
@@ -424,6 +434,65 @@ class Scheduler:
         self._commit(batch)
         for request in requests:
             self._coordination.remove_trigger(request.run_id)
+
+    def _maybe_reconcile(self) -> None:
+        now = self._clock.now()
+        if self._last_reconcile is not None and now - self._last_reconcile < RECONCILE_EVERY:
+            return
+        self._last_reconcile = now
+        self._reconcile(now)
+
+    def _reconcile(self, now: datetime) -> None:
+        """Settle the active runs of peers that are gone (see the module's docstring)."""
+        active = self._coordination.runs(states=ACTIVE_STATES)
+        if not active:
+            return
+        live = [p.peer_id for p in self._coordination.peers()]
+        # Read after the records: a run seen running and not executing has lost its peer.
+        executing = self._coordination.executing_runs()
+        load = Counter(r.peer_id for r in active if r.peer_id)
+        nodes = self._config().nodes
+        for record in active:
+            if record.peer_id is None:
+                continue
+            node = nodes.get(record.node_id or "")
+            if record.state is RunState.ASSIGNED and record.peer_id not in live:
+                target = executing_peer(node, record.run_id, live, load) if node else None
+                self._reassign(record, target, now)
+                if target is not None:
+                    load[target] += 1
+            elif record.state is RunState.RUNNING and record.run_id not in executing:
+                target = None
+                if record.at_least_once and node is not None:
+                    target = executing_peer(node, record.run_id, live, load)
+                settle_abandoned(
+                    self._coordination,
+                    self._reports,
+                    record,
+                    now,
+                    requeue_to=target,
+                    why=f"peer {record.peer_id} was lost while the run was in progress",
+                )
+
+    def _reassign(self, record: RunRecord, target: str | None, now: datetime) -> None:
+        """A run assigned to a peer that is gone before it started it: move it, or fail it."""
+        expect = {"state": RunState.ASSIGNED, "peer_id": record.peer_id}
+        if target is not None:
+            if self._coordination.update_run(record.run_id, expect=expect, peer_id=target):
+                log.warning(
+                    "run %s: peer %s is gone; reassigned to %s",
+                    record.run_id,
+                    record.peer_id,
+                    target,
+                )
+            return
+        reason = f"peer {record.peer_id} is gone and no live peer can execute node {record.node_id}"
+        failed = self._coordination.finish_run(
+            record.run_id, RunState.FAILED, ended_at=now, reason=reason, expect=expect
+        )
+        if failed is not None and failed.state is RunState.FAILED and failed.reason == reason:
+            self._reports.write([RunReport.from_record(failed)])
+            log.warning("run %s: failed (%s)", record.run_id, reason)
 
     def _maybe_prune(self) -> None:
         now = self._clock.now()

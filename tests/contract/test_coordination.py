@@ -407,6 +407,61 @@ def test_update_run_changes_active_runs_only(coordination: CoordinationStore, ep
     assert coordination.update_run("nope@2026-01-01T00:00:00.000000Z", attempt=1) is None
 
 
+def test_update_and_finish_with_expect_change_only_a_run_that_still_has_those_values(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    run = assigned("backup", 0, peer_id="p1")
+    coordination.record_runs(epoch, [run])
+    coordination.claim_run(run.run_id, "p1", slot(0))
+
+    running_on_p2 = {"state": RunState.RUNNING, "peer_id": "p2"}
+    assert coordination.update_run(run.run_id, expect=running_on_p2, attempt=2) is None
+    unchanged = coordination.finish_run(
+        run.run_id, RunState.UNKNOWN, ended_at=slot(1), expect=running_on_p2
+    )
+    assert unchanged is not None and unchanged.state is RunState.RUNNING
+    assert coordination.get_run(run.run_id) == unchanged
+
+    running_on_p1 = {"state": RunState.RUNNING, "peer_id": "p1"}
+    requeued = coordination.update_run(
+        run.run_id, expect=running_on_p1, state=RunState.ASSIGNED, peer_id="p2"
+    )
+    assert requeued is not None and (requeued.state, requeued.peer_id) == (
+        RunState.ASSIGNED,
+        "p2",
+    )
+    # The same decision, taken again on the old read, no longer applies.
+    assert (
+        coordination.update_run(
+            run.run_id, expect=running_on_p1, state=RunState.ASSIGNED, peer_id="p3"
+        )
+        is None
+    )
+    finished = coordination.finish_run(
+        run.run_id,
+        RunState.UNKNOWN,
+        ended_at=slot(1),
+        expect={"state": RunState.ASSIGNED, "peer_id": "p2"},
+    )
+    assert finished is not None and finished.state is RunState.UNKNOWN
+
+
+def test_executing_runs_are_the_claimed_ones_until_they_finish(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    coordination.register_peer(peer("p1"))
+    first, second, third = (assigned("backup", i) for i in range(3))
+    coordination.record_runs(epoch, [first, second, third])
+    assert coordination.executing_runs() == set()
+
+    coordination.claim_run(first.run_id, "p1", slot(0))
+    coordination.claim_run(second.run_id, "p1", slot(1))
+    assert coordination.executing_runs() == {first.run_id, second.run_id}
+
+    coordination.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=slot(1), exit_code=0)
+    assert coordination.executing_runs() == {second.run_id}
+
+
 def test_request_cancel_marks_active_runs_only(coordination: CoordinationStore, epoch: int) -> None:
     active, done = assigned("backup", 0), assigned("backup", 1)
     coordination.record_runs(epoch, [active, done])
