@@ -8,7 +8,7 @@ BIND ?= 127.0.0.1:8080
 STATE_DIR ?= var/state
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration lint typecheck bench check-config clean venv services services-stop
+.PHONY: run test unit integration lint typecheck bench check-config clean venv services services-stop cluster
 
 venv: $(STAMP)
 
@@ -55,6 +55,10 @@ services: venv
 
 services-stop: venv
 	$(BIN)/python deploy/services/zookeeper.py stop
+
+## cluster: three peers on the examples against that ensemble, APIs on 127.0.0.1:8081-8083
+cluster: services
+	exec $(BIN)/python deploy/cluster.py
 
 check-config: venv
 	$(BIN)/distcrond --check --jobs-dir deploy/examples/jobs.d --nodes-dir deploy/examples/nodes.d

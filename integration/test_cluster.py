@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from kazoo.exceptions import NoAuthError
 
 from deploy.services.zookeeper import Ensemble
 from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
 from distcrond.runs import run_id_for, split_run_id
 from integration.cluster import Cluster, duplicates, ledger_job, wait_new_lines
-from integration.peers import ledger_lines, wait_for
+from integration.peers import children_of, ledger_lines, wait_for
+from integration.zk_fixtures import kazoo_client
 
 pytestmark = [pytest.mark.zookeeper, pytest.mark.timeout(240)]
 
@@ -255,3 +257,39 @@ def test_a_run_whose_peer_dies_ends_unknown_but_an_at_least_once_run_runs_again(
             runs = [line for line in ledger_lines(starts) if line[0] == run_id]
             assert len(runs) == 2 and runs[1][1] != victim.peer_id
         victim.start(leader=False)
+
+
+def test_finished_run_records_are_pruned_so_zookeeper_stays_bounded(
+    zk_hosts: str, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    single = Cluster(tmp_path / "c", zk_hosts, size=1, extra_args=["--run-retention", "2s"])
+    try:
+        single.write_job("tick", ledger_job(ledger, every="200ms", concurrency="allow"))
+        single.start()
+        wait_for(lambda: len(ledger_lines(ledger)) >= 40, 60, "40 runs")
+        with kazoo_client(zk_hosts) as client:
+            kept = client.get_children("/distcron/runs/tick")
+    finally:
+        single.stop()
+    # 5 runs/s kept 2 s, pruned every second: about 15 records, never the 40 that ran.
+    assert len(kept) <= 25, f"{len(kept)} run records kept"
+
+
+def test_with_digest_auth_the_cluster_works_and_its_znodes_refuse_others(
+    zk_hosts: str, tmp_path: Path
+) -> None:
+    single = Cluster(tmp_path / "c", zk_hosts, size=1, extra_args=["--zk-auth", "ops:s3cret"])
+    try:
+        single.write_job("tick", ledger_job(tmp_path / "ledger", every="1h"))
+        single.start()
+        peer = single.peers[0]
+        run_id = peer.post("/api/v1/jobs/tick/runs").json()["run_id"]
+        peer.wait_run(run_id, ("succeeded",))  # the API workers read with the same identity
+        assert peer.proc is not None
+        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children_of(peer.proc.pid)]
+        assert argvs and not any(b"s3cret" in argv for argv in argvs)  # not shown by ps
+        with kazoo_client(zk_hosts) as client, pytest.raises(NoAuthError):
+            client.get_children("/distcron/runs")
+    finally:
+        single.stop()

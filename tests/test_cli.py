@@ -48,7 +48,16 @@ def test_durations_and_seconds_are_accepted_for_time_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--bind", "nope"], ["--api-workers", "0"], ["--log-format", "xml"]]
+    "argv",
+    [
+        ["--bind", "nope"],
+        ["--api-workers", "0"],
+        ["--log-format", "xml"],
+        ["--zk-root", "distcron"],
+        ["--zk-root", "/distcron/"],
+        ["--zk-auth", "no-password"],
+        ["--zk-session-timeout", "soon"],
+    ],
 )
 def test_bad_flags_exit_with_usage_error(
     argv: list[str], capsys: pytest.CaptureFixture[str]
@@ -104,3 +113,18 @@ def test_json_logs_are_one_object_per_line_with_extra_fields(
         assert entry["msg"] == "ran x" and entry["run_id"] == "j@t" and entry["level"] == "info"
     finally:
         configure_logging("text", "WARNING")
+
+
+def test_cluster_flags_and_their_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTCRON_ZOOKEEPER", "zk1:2181,zk2:2181")
+    monkeypatch.setenv("DISTCRON_ZK_AUTH", "ops:pa:ss")
+    s = settings("--zk-root", "/team-a/distcron", "--zk-session-timeout", "6s")
+    assert s.zookeeper == "zk1:2181,zk2:2181" and s.zk_root == "/team-a/distcron"
+    assert s.zk_session_timeout == 6.0 and s.zk_credentials == ("ops", "pa:ss")
+    assert settings().zk_session_timeout == 4.0 and settings().zk_root == "/distcron"
+
+
+def test_the_zookeeper_password_is_never_in_the_settings_passed_on_argv() -> None:
+    s = settings("--zookeeper", "zk:2181", "--zk-auth", "ops:secret")
+    assert "secret" not in json.dumps(s.to_json())
+    assert type(s).from_json(s.to_json()).zk_auth is None

@@ -435,3 +435,20 @@ def test_an_at_least_once_run_lost_mid_run_is_assigned_again_under_its_id(h: Har
     assert again is not None
     assert (again.state, again.peer_id, again.started_at) == (RunState.ASSIGNED, "p1", None)
     assert "at_least_once" in again.reason
+
+
+def test_finished_runs_leave_the_coordination_store_after_the_retention(h: Harness) -> None:
+    h.scheduler = Scheduler(
+        h.coordination, h.reports, lambda: h.config, h.clock, ["local"], timedelta(seconds=2)
+    )
+    h.set_jobs(make_job("tick", concurrency="allow"))
+    h.lead()
+    h.at(0)
+    h.at(1.0)
+    (first,) = h.records()
+    h.coordination.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=T0 + timedelta(seconds=1))
+    h.at(2.5)
+    assert h.coordination.get_run(first.run_id) is not None  # ended 1.5 s ago: kept
+    h.at(3.6)
+    assert h.coordination.get_run(first.run_id) is None
+    assert [r.state for r in h.records()] == [RunState.ASSIGNED] * 2  # active runs stay

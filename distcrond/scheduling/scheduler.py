@@ -80,6 +80,8 @@ class Scheduler:
         self._clock = clock
         self._supported = tuple(supported_types)
         self._retention = retention
+        # A short retention is pruned often enough that the store holds about that much.
+        self._prune_every = min(PRUNE_EVERY, max(retention / 2, timedelta(seconds=1)))
         self._on_fenced = on_fenced
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -496,7 +498,7 @@ class Scheduler:
 
     def _maybe_prune(self) -> None:
         now = self._clock.now()
-        if self._last_prune is not None and now - self._last_prune < PRUNE_EVERY:
+        if self._last_prune is not None and now - self._last_prune < self._prune_every:
             return
         self._last_prune = now
         pruned = self._coordination.prune_runs(now - self._retention)
