@@ -303,3 +303,36 @@ def test_outcome_is_recorded_once_the_report_store_is_back(h: Harness, tmp_path:
             break
         threading.Event().wait(0.02)
     assert stored is not None and stored.state is RunState.SUCCEEDED
+
+
+class SuspendedCoordination(SQLiteCoordinationStore):
+    """The real store, refusing its first ``refusals`` claims (a suspended session)."""
+
+    refusals = 0
+
+    def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise StoreUnavailable("ZooKeeper session is SUSPENDED: not claiming")
+        return super().claim_run(run_id, peer_id, started_at)
+
+
+def test_a_run_delivered_while_claims_are_refused_starts_once_they_are_accepted(
+    h: Harness, tmp_path: Path
+) -> None:
+    suspended = SuspendedCoordination(tmp_path / "suspended.sqlite3")
+    listener = Listener()
+    suspended.start_election("p1", listener)
+    assert listener.ready.wait(5) and listener.epoch is not None
+    suspended.refusals = 3
+    h.executor = Executor(
+        suspended, h.reports, {"local": h.runner}, lambda: h.config, "p1", h.clock
+    )
+    h.coordination, h.epoch = suspended, listener.epoch
+    h.job("hello")
+    h.executor.start()
+    record = h.assign("hello")
+    assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
+    assert suspended.refusals == 0
+    h.executor.stop(grace=1)
+    suspended.close()

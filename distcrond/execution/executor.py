@@ -121,14 +121,30 @@ class Executor:
     def _execute(self, flight: _Flight) -> None:
         record = flight.record
         try:
-            claimed = self._coordination.claim_run(record.run_id, self._peer_id, self._clock.now())
+            claimed = self._claim(flight)
             if claimed is None:
-                return  # claimed before, finished, or not ours: it never starts twice
+                return  # claimed before, finished, not ours, or we stop: it never starts twice
             self._run_claimed(claimed, flight)
         except Exception:
             log.exception("run %s: executor error", record.run_id)
         finally:
             self._done(record.run_id)
+
+    def _claim(self, flight: _Flight) -> RunRecord | None:
+        """Claim the run; while the store refuses (a suspended session starts nothing), retry
+        until it answers, the run is no longer ours to claim, or this peer stops. The
+        assignment is delivered once: giving up here would strand it on a live peer."""
+        delay = 0.1
+        while True:
+            try:
+                return self._coordination.claim_run(
+                    flight.record.run_id, self._peer_id, self._clock.now()
+                )
+            except StoreUnavailable as e:
+                log.warning("run %s: cannot claim it yet (%s); retrying", flight.record.run_id, e)
+            if self._stopping or flight.cancel.wait(delay):
+                return None
+            delay = min(delay * 2, 2.0)
 
     def _run_claimed(self, record: RunRecord, flight: _Flight) -> None:
         config = self._config()
