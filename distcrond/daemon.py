@@ -26,6 +26,7 @@ from distcrond.coordination.base import ConfigSnapshot, CoordinationStore, PeerI
 from distcrond.execution.base import Runner
 from distcrond.execution.executor import Executor
 from distcrond.execution.local import LocalRunner
+from distcrond.execution.ssh import SSHRunner
 from distcrond.leadership import LeadershipMonitor
 from distcrond.scheduling.scheduler import Scheduler
 from distcrond.settings import Settings
@@ -97,7 +98,9 @@ class Daemon:
 
             local = LocalRunner(clock=self.clock)
             stack.callback(local.close)
-            runners: dict[str, Runner] = {"local": local}
+            ssh = SSHRunner(clock=self.clock, learned_hosts=s.state_dir / "ssh_known_hosts")
+            stack.callback(ssh.close)
+            runners: dict[str, Runner] = {"local": local, "ssh": ssh}
 
             executor = Executor(
                 coordination,

@@ -298,14 +298,34 @@ class ConnectionType(StrEnum):
     SSH = "ssh"
 
 
-class SSHOptions(BaseModel):
-    """`connection_options` of an SSH node. More options arrive with the SSH runner."""
+_FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}=?$")
+_PUBLIC_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=*( .*)?$"
+)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+
+class SSHOptions(_Frozen):
+    """`connection_options` of an SSH node: the original's three fields, and optional ones.
+
+    The host key must be known: pinned here (``ssh_host_key``: a public key line
+    or a ``SHA256:`` fingerprint), or found in ``ssh_known_hosts_file`` (default:
+    the daemon user's ``~/.ssh/known_hosts`` and ``/etc/ssh/ssh_known_hosts``).
+    ``ssh_trust_on_first_use`` accepts an unknown host's key once and remembers
+    it in the peer's state directory; a changed key is refused even then.
+    """
 
     ssh_user: str
     ssh_host: str
     ssh_private_key_file: str
+    ssh_known_hosts_file: str | None = None
+    ssh_host_key: str | None = None
+    ssh_trust_on_first_use: bool = False
+    # The name of an environment variable of the daemon that holds the key's passphrase.
+    ssh_key_passphrase_env: str | None = None
+    connect_timeout: Duration = timedelta(seconds=10)
+    # Runs at once on this node from one peer; more wait for a free slot.
+    max_concurrent_runs: Annotated[int, Field(ge=1, le=1000)] = 16
 
     @field_validator("ssh_host")
     @classmethod
@@ -315,6 +335,32 @@ class SSHOptions(BaseModel):
             raise ValueError("must be 'host' or 'host:port'")
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+        return v
+
+    @field_validator("ssh_host_key")
+    @classmethod
+    def _host_key(cls, v: str | None) -> str | None:
+        if v is not None and not (_FINGERPRINT.match(v) or _PUBLIC_KEY.match(v)):
+            raise ValueError(
+                "must be a public key line ('ssh-ed25519 AAAA...') or a fingerprint "
+                "('SHA256:...', as ssh-keygen -lf prints it)"
+            )
+        return v
+
+    @field_validator("ssh_key_passphrase_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError(
+                "must be an environment variable name (the variable holds the passphrase)"
+            )
+        return v
+
+    @field_validator("connect_timeout")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be more than 0")
         return v
 
     @property

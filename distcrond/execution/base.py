@@ -1,7 +1,7 @@
 """The runner interface: run one attempt of a command on one node.
 
-Backends: ``local.py`` (a subprocess on the executing peer's host) and, later,
-``ssh.py`` (paramiko). A runner never raises for a command's failure: a
+Backends: ``local.py`` (a subprocess on the executing peer's host) and
+``ssh.py`` (paramiko, on a remote node). A runner never raises for a command's failure: a
 missing binary, a bad working directory or a timeout are outcomes.
 """
 
@@ -11,6 +11,8 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+from distcrond.config.models import NodeSpec
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class RunRequest:
     max_output_bytes: int = 1024 * 1024
     # Set to stop the attempt early (shutdown, concurrency: replace): like a timeout.
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+    # The node's file, for runners that need its connection options (SSH).
+    node: NodeSpec | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,7 @@ class Executor:
             timeout=job.timeout,
             max_output_bytes=job.max_output_bytes,
             cancel=flight.cancel,
+            node=node,
         )
 
     def _finish_without_running(self, record: RunRecord, state: RunState, reason: str) -> None:
