@@ -1,6 +1,6 @@
 """The daemon: the one place that starts and stops a peer's components, in order.
 
-Start: state lock → stores → config (+ watcher) → runners → executor →
+Start: state lock → stores → config (+ watcher) → runners → node health → executor →
 membership → API process → election (the scheduler runs while leader).
 Stop: the reverse, so that leadership is handed over first and the stores
 close last.
@@ -25,6 +25,7 @@ from distcrond.config.watcher import ConfigWatcher
 from distcrond.coordination.base import ConfigSnapshot, CoordinationStore, PeerInfo
 from distcrond.execution.base import Runner
 from distcrond.execution.executor import Executor
+from distcrond.execution.health import NodeHealthTracker
 from distcrond.execution.local import LocalRunner
 from distcrond.execution.ssh import SSHRunner
 from distcrond.leadership import LeadershipMonitor
@@ -102,6 +103,11 @@ class Daemon:
             stack.callback(ssh.close)
             runners: dict[str, Runner] = {"local": local, "ssh": ssh}
 
+            health = NodeHealthTracker(
+                coordination, ssh.probe, lambda: self._registry.current, s.peer_id, self.clock
+            )
+            health.start()
+            stack.callback(health.stop)
             executor = Executor(
                 coordination,
                 reports,
@@ -110,6 +116,7 @@ class Daemon:
                 s.peer_id,
                 self.clock,
                 s.max_concurrent_runs,
+                health,
             )
             if not s.zookeeper:
                 self._forget_dead_peers(coordination)

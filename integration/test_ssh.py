@@ -319,3 +319,53 @@ def test_a_cluster_runs_ssh_jobs_through_a_leader_failover_without_a_double_run(
         assert duplicates(ledger) == []
     finally:
         cluster.stop()
+
+
+def node_view(peer: Peer, node_id: str) -> dict[str, Any]:
+    nodes = peer.get("/api/v1/nodes").json()["nodes"]
+    return next(n for n in nodes if n["id"] == node_id)
+
+
+def test_a_stopped_sshd_makes_its_node_unhealthy_and_any_moves_on_until_it_is_back(
+    ssh_peer: Peer, ssh_servers: SSHServers, ssh_hosts: list[SSHHost], tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger"
+    ssh_peer.write_job(
+        "spread",
+        {
+            "schedule": {"interval": "300ms"},
+            "policy": {"hosts": "any", "roles": ["web"]},
+            "retries": {"count": 1, "backoff": "5s"},
+            "concurrency": "allow",
+            "shell": True,
+            "command": ledger_command(ledger),
+        },
+    )
+    ssh_peer.start()
+    wait_for(lambda: len(ledger_lines(ledger)) >= 6, 30, "the first runs")
+    down = ssh_hosts[2]
+    ssh_servers.stop_server(down.address)
+
+    view = wait_for(
+        lambda: (v := node_view(ssh_peer, "ssh-3"))["healthy"] is False and v, 15, "ssh-3 unhealthy"
+    )
+    assert "connection refused" in view["health"]["reason"] and view["health"]["since"]
+    assert node_view(ssh_peer, "ssh-1")["healthy"] is True
+    mark = len(ledger_lines(ledger))
+    wait_for(lambda: len(ledger_lines(ledger)) >= mark + 10, 30, "runs while ssh-3 is down")
+    assert {address for _, address in ledger_lines(ledger)[mark:]} <= {
+        ssh_hosts[0].address,
+        ssh_hosts[1].address,
+    }
+    failed = ssh_peer.get("/api/v1/jobs/spread/runs", state="failed").json()["runs"]
+    assert failed == [], "a run that could not connect moves to another node"
+
+    ssh_servers.start_server(down.address)
+    wait_for(lambda: node_view(ssh_peer, "ssh-3")["healthy"], 40, "ssh-3 healthy again")
+    back = len(ledger_lines(ledger))
+    wait_for(
+        lambda: any(a == down.address for _, a in ledger_lines(ledger)[back:]),
+        30,
+        "a run on ssh-3 again",
+    )
+    assert duplicates(ledger) == []

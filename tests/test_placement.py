@@ -104,3 +104,10 @@ def test_unpinned_node_goes_to_the_least_busy_peer() -> None:
 def test_no_live_peer_fails_with_reason() -> None:
     p = place(job(), "j@1", NODES, [], {}, {}, ["local"])
     assert not p.assignments and "no live peer" in p.reason
+
+
+def test_hosts_all_still_runs_on_an_unhealthy_node_so_that_its_failure_is_reported() -> None:
+    p = place(job(hosts="all", roles=["web"]), "j@1", NODES, ["p1"], {}, {}, ["local"], {"a"})
+    assert [a.node_id for a in p.assignments] == ["a", "b"]
+    counted = place(job(hosts=2), "j@1", NODES, ["p1"], {}, {}, ["local"], {"a"})
+    assert {a.node_id for a in counted.assignments} == {"b", "c"}

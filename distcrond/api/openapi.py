@@ -274,12 +274,27 @@ def _schemas() -> dict[str, Schema]:
                     ref("NodeSpec"),
                     {
                         "type": "object",
-                        "properties": {"active_runs": INTEGER},
-                        "required": ["id", "active_runs"],
+                        "properties": {
+                            "active_runs": INTEGER,
+                            "healthy": BOOLEAN,
+                            "health": nullable(ref("NodeHealth")),
+                        },
+                        "required": ["id", "active_runs", "healthy", "health"],
                     },
                 ]
             },
             "NodeList": obj({"nodes": array(ref("Node"))}),
+            "NodeHealth": obj(
+                {
+                    "node_id": STRING,
+                    "reason": STRING,
+                    "since": TIMESTAMP,
+                    "failures": INTEGER,
+                    "reported_by": STRING,
+                    "next_check": nullable(TIMESTAMP),
+                },
+                description="Why a node is unhealthy (it failed to connect) and since when.",
+            ),
             "ConfigError": config_error,
             "ConfigErrors": obj(
                 {

@@ -446,7 +446,7 @@ class Run:
 
 
 class Nodes:
-    """The loaded nodes, with how many active runs each has."""
+    """The loaded nodes, with how many active runs each has and whether it is healthy."""
 
     def __init__(self, ctx: APIContext) -> None:
         self.ctx = ctx
@@ -458,9 +458,16 @@ class Nodes:
         for record in self.ctx.coordination.runs(states=ACTIVE_STATES):
             if record.node_id:
                 counts[record.node_id] = counts.get(record.node_id, 0) + 1
+        health = self.ctx.coordination.node_health()
         resp.media = {
             "nodes": [
-                node | {"id": node_id, "active_runs": counts.get(node_id, 0)}
+                node
+                | {
+                    "id": node_id,
+                    "active_runs": counts.get(node_id, 0),
+                    "healthy": node_id not in health,
+                    "health": health[node_id].to_json() if node_id in health else None,
+                }
                 for node_id, node in sorted(nodes.items())
             ]
         }

@@ -123,6 +123,43 @@ class ConfigSnapshot:
     loaded_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class NodeHealth:
+    """A node that failed to connect: why, since when, and when it is to be tried again."""
+
+    node_id: str
+    reason: str
+    since: datetime
+    failures: int = 1
+    reported_by: str = ""
+    next_check: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        from distcrond.runs import format_slot
+
+        return {
+            "node_id": self.node_id,
+            "reason": self.reason,
+            "since": format_slot(self.since),
+            "failures": self.failures,
+            "reported_by": self.reported_by,
+            "next_check": format_slot(self.next_check) if self.next_check else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NodeHealth:
+        from distcrond.runs import parse_slot
+
+        return cls(
+            node_id=data["node_id"],
+            reason=data.get("reason", ""),
+            since=parse_slot(data["since"]),
+            failures=int(data.get("failures", 1)),
+            reported_by=data.get("reported_by", ""),
+            next_check=parse_slot(data["next_check"]) if data.get("next_check") else None,
+        )
+
+
 class LeadershipListener(Protocol):
     """Told when this peer gains or loses leadership (on a thread of the store's)."""
 
@@ -274,3 +311,16 @@ class CoordinationStore(ABC):
     @abstractmethod
     def config(self, peer_id: str) -> ConfigSnapshot | None:
         """The snapshot a peer published last."""
+
+    # -- node health ---------------------------------------------------------
+    @abstractmethod
+    def set_node_health(self, health: NodeHealth) -> None:
+        """Record (or replace) a node's unhealthy state."""
+
+    @abstractmethod
+    def clear_node_health(self, node_id: str) -> None:
+        """The node answers again (idempotent)."""
+
+    @abstractmethod
+    def node_health(self) -> dict[str, NodeHealth]:
+        """The nodes recorded unhealthy, by id."""

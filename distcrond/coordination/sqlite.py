@@ -51,6 +51,7 @@ from distcrond.coordination.base import (
     FencedOut,
     LeaderInfo,
     LeadershipListener,
+    NodeHealth,
     PeerInfo,
     StoreStatus,
     StoreUnavailable,
@@ -105,6 +106,7 @@ _SCHEMA = (
         requested_by TEXT NOT NULL
     )""",
     "CREATE TABLE IF NOT EXISTS configs (peer_id TEXT PRIMARY KEY, data TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS node_health (node_id TEXT PRIMARY KEY, data TEXT NOT NULL)",
 )
 
 _TERMINAL = tuple(s.value for s in RunState if s.terminal)
@@ -689,6 +691,24 @@ class SQLiteCoordinationStore(CoordinationStore):
             errors=data["errors"],
             loaded_at=parse_slot(data["loaded_at"]) if data["loaded_at"] else None,
         )
+
+    # -- node health ---------------------------------------------------------
+    def set_node_health(self, health: NodeHealth) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO node_health (node_id, data) VALUES (?, ?)",
+                (health.node_id, json.dumps(health.to_json())),
+            )
+
+    def clear_node_health(self, node_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM node_health WHERE node_id = ?", (node_id,))
+
+    def node_health(self) -> dict[str, NodeHealth]:
+        with self._db.connection() as conn:
+            rows = conn.execute("SELECT data FROM node_health").fetchall()
+        found = (NodeHealth.from_json(json.loads(data)) for (data,) in rows)
+        return {h.node_id: h for h in found}
 
     # -- notification machinery ----------------------------------------------
     def _dispatch(self, call: Callable[[], None]) -> None:

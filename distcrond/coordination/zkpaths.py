@@ -11,6 +11,7 @@ Layout under the root (``/distcron`` by default)::
     /assignments/<peer_id>/<run_id>  persistent, empty; active runs assigned to a peer
     /cancels/<peer_id>/<run_id>   persistent, empty; cancel requested for a peer's active run
     /heartbeats/<run_id>          ephemeral (the executing peer's session); run is being executed
+    /health/<node_id>             persistent; NodeHealth JSON of a node that fails to connect
     /cursors/<job_id>             persistent; the newest slot dealt with (RFC 3339 text)
     /triggers/<run_id>            persistent; TriggerRequest JSON
     /config/<peer_id>             persistent; ConfigSnapshot JSON (zlib-compressed when large)
@@ -29,6 +30,7 @@ _TOP_LEVEL = (
     "assignments",
     "cancels",
     "heartbeats",
+    "health",
     "cursors",
     "triggers",
     "config",
@@ -120,6 +122,13 @@ class ZKPaths:
 
     def cancel(self, peer_id: str, run_id: str) -> str:
         return self._join("cancels", _name(peer_id), _name(run_id))
+
+    @property
+    def health(self) -> str:
+        return self._join("health")
+
+    def node_health(self, node_id: str) -> str:
+        return self._join("health", _name(node_id))
 
     @property
     def heartbeats(self) -> str:

@@ -72,6 +72,7 @@ from distcrond.coordination.base import (
     FencedOut,
     LeaderInfo,
     LeadershipListener,
+    NodeHealth,
     PeerInfo,
     StoreStatus,
     StoreUnavailable,
@@ -1111,7 +1112,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         ).encode()
         if len(data) > _COMPRESS_ABOVE:
             data = _ZLIB_PREFIX + zlib.compress(data)
-        path = self._paths.config(snapshot.peer_id)
+        self._put(self._paths.config(snapshot.peer_id), data)
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a persistent node's data, creating it if needed (idempotent)."""
 
         def put(_lost: bool) -> None:
             try:
@@ -1140,6 +1144,21 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             errors=data["errors"],
             loaded_at=parse_slot(data["loaded_at"]) if data["loaded_at"] else None,
         )
+
+    # -- node health ---------------------------------------------------------
+    def set_node_health(self, health: NodeHealth) -> None:
+        self._put(self._paths.node_health(health.node_id), json.dumps(health.to_json()).encode())
+
+    def clear_node_health(self, node_id: str) -> None:
+        self._retry(lambda _lost: self._delete(self._paths.node_health(node_id)))
+
+    def node_health(self) -> dict[str, NodeHealth]:
+        def read(_lost: bool) -> list[NodeHealth]:
+            names = self._children(self._paths.health)
+            found = self._get_many([self._paths.node_health(n) for n in names])
+            return [NodeHealth.from_json(json.loads(got[0])) for got in found if got is not None]
+
+        return {h.node_id: h for h in self._retry(read)}
 
     # -- ZooKeeper plumbing --------------------------------------------------
     def _retry(self, call: Callable[[bool], T]) -> T:

@@ -20,12 +20,14 @@ from datetime import datetime, timedelta
 
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
-from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
 from distcrond.coordination.base import CoordinationStore, StoreUnavailable
 from distcrond.execution.base import Runner, RunOutcome, RunRequest
+from distcrond.execution.health import NodeHealthTracker
 from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, format_slot
+from distcrond.scheduling.placement import place
 
 log = logging.getLogger("distcrond.executor")
 
@@ -52,6 +54,7 @@ class Executor:
         peer_id: str,
         clock: Clock,
         max_concurrent_runs: int = 256,
+        health: NodeHealthTracker | None = None,
     ) -> None:
         self._coordination = coordination
         self._reports = reports
@@ -59,6 +62,7 @@ class Executor:
         self._config = config
         self._peer_id = peer_id
         self._clock = clock
+        self._health = health
         self._pool = ThreadPoolExecutor(max_concurrent_runs, thread_name_prefix="run")
         self._lock = threading.Lock()
         self._inflight: dict[str, _Flight] = {}
@@ -174,7 +178,7 @@ class Executor:
                 record, RunState.MISSED, f"not started within the misfire grace ({late} late)"
             )
             return
-        outcome, attempts, started_at = self._attempts(record, job, node, runner, flight)
+        outcome, attempts, started_at, node = self._attempts(record, job, node, runner, flight)
         state = RunState.SUCCEEDED if outcome.ok else RunState.FAILED
         reason = (
             flight.cancel_reason if outcome.cancelled and flight.cancel_reason else outcome.reason
@@ -184,7 +188,7 @@ class Executor:
             job_id=record.job_id,
             slot=record.slot,
             state=state,
-            node_id=record.node_id,
+            node_id=node.id,
             peer_id=self._peer_id,
             trigger=record.trigger,
             attempts=attempts,
@@ -200,7 +204,7 @@ class Executor:
         log.info(
             "run %s on %s: %s%s",
             record.run_id,
-            record.node_id,
+            node.id,
             state.value,
             f" ({reason})" if reason else "",
             extra={"run_id": record.run_id, "state": state.value, "exit_code": outcome.exit_code},
@@ -208,27 +212,71 @@ class Executor:
 
     def _attempts(
         self, record: RunRecord, job: JobSpec, node: NodeSpec, runner: Runner, flight: _Flight
-    ) -> tuple[RunOutcome, int, datetime]:
-        """Run the first attempt and the retries the job allows; the last outcome counts."""
+    ) -> tuple[RunOutcome, int, datetime, NodeSpec]:
+        """Run the first attempt and the retries the job allows; the last outcome counts.
+
+        An attempt that could not reach its node (``not_started``) marks the node
+        unhealthy, and a ``hosts: any`` run's next attempt goes, at once, to another
+        node this peer can execute, if there is one; else it waits the backoff.
+        """
         attempts = 1 + job.retries.count
         started_at = record.started_at or self._clock.now()
         attempt = 1
+        tried = {node.id}
         while True:
             outcome = runner.run(self._request(record, job, node, attempt, flight))
+            self._note_health(node, outcome)
             if outcome.ok or outcome.cancelled or attempt >= attempts:
-                return outcome, attempt, started_at
-            delay = retry_delay(job, attempt)
+                return outcome, attempt, started_at, node
+            attempt += 1
+            other = self._other_node(job, record, tried) if outcome.not_started else None
+            if other is not None:
+                log.warning(
+                    "run %s: %s; attempt %d moves to node %s",
+                    record.run_id,
+                    outcome.reason,
+                    attempt,
+                    other.id,
+                )
+                node, runner = other, self._runners[other.connection_type.value]
+                tried.add(node.id)
+                self._coordination.update_run(record.run_id, attempt=attempt, node_id=node.id)
+                continue
+            delay = retry_delay(job, attempt - 1)
             log.info(
                 "run %s: attempt %d failed (%s); retrying in %s",
                 record.run_id,
-                attempt,
+                attempt - 1,
                 outcome.reason,
                 delay,
             )
             if flight.cancel.wait(delay.total_seconds()):
-                return outcome, attempt, started_at
-            attempt += 1
+                return outcome, attempt - 1, started_at, node
             self._coordination.update_run(record.run_id, attempt=attempt)
+
+    def _note_health(self, node: NodeSpec, outcome: RunOutcome) -> None:
+        if self._health is None or node.connection_type is not ConnectionType.SSH:
+            return
+        try:
+            if outcome.not_started and not outcome.cancelled:
+                self._health.failed(node.id, outcome.reason)
+            elif not outcome.not_started:
+                self._health.succeeded(node.id)
+        except StoreUnavailable as e:
+            log.warning("node %s: cannot record its health: %s", node.id, e)
+
+    def _other_node(self, job: JobSpec, record: RunRecord, tried: set[str]) -> NodeSpec | None:
+        """For a ``hosts: any`` run: a healthy node of the job that this peer can execute."""
+        if job.policy.hosts not in ("any", 1):
+            return None
+        nodes = {k: v for k, v in self._config().nodes.items() if k not in tried}
+        unhealthy = self._health.unhealthy() if self._health is not None else set()
+        placement = place(
+            job, record.run_id, nodes, [self._peer_id], {}, {}, self._runners.keys(), unhealthy
+        )
+        if not placement.assignments:
+            return None
+        return nodes[placement.assignments[0].node_id]
 
     def _request(
         self, record: RunRecord, job: JobSpec, node: NodeSpec, attempt: int, flight: _Flight

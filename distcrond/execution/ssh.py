@@ -440,6 +440,20 @@ class SSHRunner(Runner):
         if drop and conn.channels == 0:
             conn.transport.close()
 
+    def probe(self, node: NodeSpec) -> str | None:
+        """Connect, verify and authenticate to the node, then hang up: None when that worked,
+        else why not (the node health checks' question)."""
+        if node.connection_options is None:
+            return f"node {node.id} has no SSH options"
+        pool = self._pool(node)
+        try:
+            conn = self._connect(pool, pool.options.connect_timeout.total_seconds())
+        except SSHError as e:
+            o = pool.options
+            return f"ssh {o.ssh_user}@{o.host}:{o.port}: {e}"
+        conn.transport.close()
+        return None
+
     # -- running -------------------------------------------------------------------------
     def run(self, request: RunRequest) -> RunOutcome:
         started_at = self._clock.now()

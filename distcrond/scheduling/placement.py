@@ -55,7 +55,8 @@ def place(
     node. A node is eligible when it has one of the job's roles (or the job
     names none), its connection type has a runner, it is not unhealthy, and
     some live peer may execute it: a local node pinned to a peer needs that
-    peer alive; any other node can be executed by any live peer.
+    peer alive; any other node can be executed by any live peer. ``hosts: all``
+    keeps unhealthy nodes (each node's failure is then reported, not hidden).
     """
     if not live_peers:
         return Placement((), "no live peer to execute the run")
@@ -68,7 +69,7 @@ def place(
     for node in matching:
         if node.connection_type.value not in supported_types:
             why_not.append(f"{node.id}: no runner for connection_type {node.connection_type.value}")
-        elif node.id in unhealthy_nodes:
+        elif node.id in unhealthy_nodes and job.policy.hosts != "all":
             why_not.append(f"{node.id}: unhealthy")
         elif (
             node.connection_type is ConnectionType.LOCAL

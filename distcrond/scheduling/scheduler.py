@@ -56,6 +56,7 @@ class _Batch:
     peers_load: Counter[str]
     active_by_job: defaultdict[str, list[RunRecord]]
     live_peers: list[str]
+    unhealthy: set[str] = field(default_factory=set)
     records: list[RunRecord] = field(default_factory=list)
     cursors: dict[str, datetime] = field(default_factory=dict)
     cancels: list[str] = field(default_factory=list)
@@ -268,6 +269,7 @@ class Scheduler:
             peers_load=Counter(r.peer_id for r in active if r.peer_id),
             active_by_job=by_job,
             live_peers=[p.peer_id for p in self._coordination.peers()],
+            unhealthy=set(self._coordination.node_health()),
         )
 
     def _decide(
@@ -301,6 +303,7 @@ class Scheduler:
             batch.nodes_load,
             batch.peers_load,
             self._supported,
+            batch.unhealthy,
         )
         if not placement.assignments:
             batch.records.append(

@@ -17,6 +17,7 @@ from distcrond.coordination.base import (
     ConfigSnapshot,
     CoordinationStore,
     FencedOut,
+    NodeHealth,
     PeerInfo,
     TriggerRequest,
 )
@@ -644,3 +645,29 @@ def test_status_is_ok(coordination: CoordinationStore) -> None:
     status = coordination.status()
     assert status.ok
     assert status.backend == coordination.backend
+
+
+# -- node health -------------------------------------------------------------------------
+
+
+def test_node_health_is_recorded_replaced_and_cleared(coordination: CoordinationStore) -> None:
+    assert coordination.node_health() == {}
+    down = NodeHealth(
+        node_id="db1",
+        reason="connect to 10.0.0.7:22: connection refused",
+        since=T0,
+        failures=1,
+        reported_by="p1",
+        next_check=T0 + timedelta(seconds=1),
+    )
+    coordination.set_node_health(down)
+    coordination.set_node_health(NodeHealth("web1", "timed out", T0))
+    assert coordination.node_health() == {"db1": down, "web1": NodeHealth("web1", "timed out", T0)}
+
+    again = down.__class__(**{**vars(down), "failures": 2, "next_check": T0 + timedelta(seconds=2)})
+    coordination.set_node_health(again)
+    assert coordination.node_health()["db1"] == again
+
+    coordination.clear_node_health("db1")
+    coordination.clear_node_health("db1")
+    assert list(coordination.node_health()) == ["web1"]
