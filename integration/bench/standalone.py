@@ -78,7 +78,7 @@ class Plan:
         ]
 
 
-def make_plan(workload: str, workdir: Path, runner: str) -> Plan:
+def make_plan(workload: str, workdir: Path, runner: str, jobs: int = JOBS) -> Plan:
     ledger = workdir / f"{runner}-{workload}.ledger"
     body = {
         "description": "bench",
@@ -87,7 +87,7 @@ def make_plan(workload: str, workdir: Path, runner: str) -> Plan:
         "shell": True,
         "command": ledger_command(ledger),
     }
-    return Plan(workload, {f"{workload}-{i:03d}": body for i in range(JOBS)}, ledger)
+    return Plan(workload, {f"{workload}-{i:03d}": body for i in range(jobs)}, ledger)
 
 
 def make_window(seconds: float) -> tuple[datetime, datetime]:
@@ -364,9 +364,11 @@ def baseline_loop(plan: Plan, start: float, stop: float, workers: int, out: Conn
     out.send(vm_hwm_kb(os.getpid()))
 
 
-def run_baseline(workload: str, seconds: float, workdir: Path, workers: int) -> Figures:
+def run_baseline(
+    workload: str, seconds: float, workdir: Path, workers: int, jobs: int = JOBS
+) -> Figures:
     """The baseline in a process of its own, so that its peak RSS is its own."""
-    plan = make_plan(workload, workdir, "baseline")
+    plan = make_plan(workload, workdir, "baseline", jobs)
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     window = make_window(seconds)
