@@ -452,3 +452,22 @@ def test_finished_runs_leave_the_coordination_store_after_the_retention(h: Harne
     h.at(3.6)
     assert h.coordination.get_run(first.run_id) is None
     assert [r.state for r in h.records()] == [RunState.ASSIGNED] * 2  # active runs stay
+
+
+def test_run_all_catch_up_runs_do_not_make_the_next_slots_skip(h: Harness) -> None:
+    job = make_job("tick", misfire="run_all")  # concurrency: forbid (the default)
+    caught_up = restart_after_gap(h, job, 6.5)
+    assert [r.state for r in caught_up] == [RunState.ASSIGNED] * 4  # still active
+    h.at(7)
+    (regular,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=7)]
+    assert (regular.state, regular.trigger) == (RunState.ASSIGNED, Trigger.SCHEDULE)
+    h.at(8)  # a regular run still active: forbid applies to the next slot as ever
+    (skipped,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=8)]
+    assert skipped.state is RunState.SKIPPED and regular.run_id in skipped.reason
+
+
+def test_run_once_catch_up_run_still_blocks_a_forbid_slot(h: Harness) -> None:
+    restart_after_gap(h, make_job("tick", misfire="run_once"), 6.5)
+    h.at(7)
+    (next_slot,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=7)]
+    assert next_slot.state is RunState.SKIPPED

@@ -244,6 +244,10 @@ class CoordinationStore(ABC):
         """Recorded runs (not yet pruned) matching all the filters, oldest slot first."""
 
     @abstractmethod
+    def active_run_ids(self) -> set[str]:
+        """Ids of the runs in an active state (cheaper than ``runs(states=ACTIVE_STATES)``)."""
+
+    @abstractmethod
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
 

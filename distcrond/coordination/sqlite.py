@@ -475,6 +475,14 @@ class SQLiteCoordinationStore(CoordinationStore):
             ).fetchall()
         return {run_id for (run_id,) in rows}
 
+    def active_run_ids(self) -> set[str]:
+        states = [s.value for s in ACTIVE_STATES]
+        with self._db.connection() as conn:
+            rows = conn.execute(
+                f"SELECT run_id FROM runs WHERE state IN ({', '.join('?' * len(states))})", states
+            ).fetchall()
+        return {run_id for (run_id,) in rows}
+
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """assigned -> running, if assigned to ``peer_id``; the updated record, else None."""
 

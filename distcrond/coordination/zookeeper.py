@@ -121,6 +121,14 @@ def _job_of(run_id: str) -> str | None:
         return None
 
 
+def _slot_before(run_id: str, instant: datetime) -> bool:
+    """Whether a run id's slot is before ``instant`` (True when it does not parse)."""
+    try:
+        return split_run_id(run_id)[1] < instant
+    except ValueError:
+        return True
+
+
 def _sort_key(record: RunRecord) -> tuple[datetime, str]:
     return (record.slot, record.run_id)
 
@@ -711,6 +719,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         ]
         return sorted(records, key=_sort_key)
 
+    def active_run_ids(self) -> set[str]:
+        """One read of the ``/active`` index."""
+        return set(self._retry(lambda _lost: self._children(self._paths.active)))
+
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """assigned -> running for ``peer_id``: one transaction of a compare-and-set on the
         record's version and the create of the run's ephemeral heartbeat, so that a running
@@ -996,7 +1008,16 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         ``ended_at`` counts as ended at its slot), then empty buckets; returns how many."""
 
         def prune(_lost: bool) -> int:
-            paths = self._all_run_paths()
+            # Only records that can have ended before the instant are read: not active (the
+            # index changes with the record, in one transaction) and with a slot before it
+            # (a run ends after its slot). A prune that finds nothing to do reads no record.
+            active = set(self._children(self._paths.active))
+            paths = [
+                path
+                for path in self._all_run_paths()
+                if path.rpartition("/")[2] not in active
+                and _slot_before(path.rpartition("/")[2], finished_before)
+            ]
             found = self._get_many(paths)
             doomed: list[tuple[str, int]] = []
             for path, got in zip(paths, found, strict=True):

@@ -45,6 +45,9 @@ MAX_CATCH_UP_RUNS = 1000
 MAX_MISSED_RECORDS = 1000
 PRUNE_EVERY = timedelta(seconds=60)
 RECONCILE_EVERY = timedelta(seconds=1)
+# How long the live peers and unhealthy nodes read for one pass serve the next ones: a
+# peer that died meanwhile is caught by the reconciliation (its runs move on).
+VIEW_TTL = 0.25  # seconds
 
 
 @dataclass
@@ -96,6 +99,12 @@ class Scheduler:
         self._heap: list[tuple[datetime, str]] = []
         self._last_prune: datetime | None = None
         self._last_reconcile: datetime | None = None
+        # The active runs as this leader knows them (its own records, refreshed from the
+        # store's index every pass and wholesale at each reconciliation).
+        self._active: dict[str, RunRecord] = {}
+        self._view: tuple[float, list[str], set[str]] | None = None
+        self._threaded = False
+        self._pruner: threading.Thread | None = None
         self._bootstrapped = False
 
     # -- control (any thread) --------------------------------------------------
@@ -107,6 +116,9 @@ class Scheduler:
         self._stop.clear()
         self._config_dirty = False
         self._triggers_dirty = True
+        self._active.clear()
+        self._view = None
+        self._threaded = thread
         if not thread:
             return
         self._thread = threading.Thread(target=self._main, name="scheduler", daemon=True)
@@ -259,25 +271,56 @@ class Scheduler:
 
     # -- deciding one slot -------------------------------------------------------
     def _new_batch(self, now: datetime) -> _Batch:
-        active = self._coordination.runs(states=ACTIVE_STATES)
+        active = self._active_runs()
         by_job: defaultdict[str, list[RunRecord]] = defaultdict(list)
         for run in active:
             by_job[run.job_id].append(run)
+        live_peers, unhealthy = self._cluster_view()
         return _Batch(
             now=now,
             nodes_load=Counter(r.node_id for r in active if r.node_id),
             peers_load=Counter(r.peer_id for r in active if r.peer_id),
             active_by_job=by_job,
-            live_peers=[p.peer_id for p in self._coordination.peers()],
-            unhealthy=set(self._coordination.node_health()),
+            live_peers=live_peers,
+            unhealthy=unhealthy,
         )
+
+    def _active_runs(self) -> list[RunRecord]:
+        """The active runs: one read of the store's index, records read only for ids this
+        leader has not seen (all of them on its first pass)."""
+        ids = self._coordination.active_run_ids()
+        for run_id in self._active.keys() - ids:
+            del self._active[run_id]
+        if ids - self._active.keys():
+            self._remember(self._coordination.runs(states=ACTIVE_STATES))
+        return [self._active[i] for i in ids if i in self._active]
+
+    def _remember(self, records: Iterable[RunRecord]) -> None:
+        for record in records:
+            if record.state.terminal:
+                self._active.pop(record.run_id, None)
+            else:
+                self._active[record.run_id] = record
+
+    def _cluster_view(self) -> tuple[list[str], set[str]]:
+        """Live peers and unhealthy nodes, read at most every VIEW_TTL seconds."""
+        now = self._clock.monotonic()
+        if self._view is None or now - self._view[0] >= VIEW_TTL:
+            live = [p.peer_id for p in self._coordination.peers()]
+            self._view = (now, live, set(self._coordination.node_health()))
+        return self._view[1], self._view[2]
 
     def _decide(
         self, job: JobSpec, slot: datetime, trigger: Trigger, base_run_id: str, batch: _Batch
     ) -> None:
         """Add the records of one slot to the batch: skipped, failed, or assigned run(s)."""
         active = batch.active_by_job[job.id]
-        if active and trigger is not Trigger.MISFIRE:
+        blocking = active
+        if job.misfire.policy is MisfirePolicy.RUN_ALL:
+            # run_all asked for every missed slot: its catch-up runs (which overlap each
+            # other anyway) do not make the next scheduled slots skip.
+            blocking = [r for r in active if r.trigger is not Trigger.MISFIRE]
+        if blocking and trigger is not Trigger.MISFIRE:
             if job.concurrency == "forbid":
                 batch.records.append(
                     self._terminal(
@@ -287,13 +330,13 @@ class Scheduler:
                         base_run_id,
                         RunState.SKIPPED,
                         batch.now,
-                        f"concurrency forbid: run {active[0].run_id} "
-                        f"is still {active[0].state.value}",
+                        f"concurrency forbid: run {blocking[0].run_id} "
+                        f"is still {blocking[0].state.value}",
                     )
                 )
                 return
             if job.concurrency == "replace":
-                batch.cancels.extend(r.run_id for r in active)
+                batch.cancels.extend(r.run_id for r in blocking)
         config = self._config()
         placement = place(
             job,
@@ -361,6 +404,7 @@ class Scheduler:
         if not batch.records and not batch.cursors:
             return
         created = self._coordination.record_runs(self._epoch, batch.records, batch.cursors)
+        self._remember(created)
         for run_id in batch.cancels:
             self._coordination.request_cancel(run_id)
         ended = [RunReport.from_record(r) for r in created if r.state.terminal]
@@ -450,6 +494,7 @@ class Scheduler:
     def _reconcile(self, now: datetime) -> None:
         """Settle the active runs of peers that are gone (see the module's docstring)."""
         active = self._coordination.runs(states=ACTIVE_STATES)
+        self._active = {r.run_id: r for r in active}
         if not active:
             return
         live = [p.peer_id for p in self._coordination.peers()]
@@ -504,7 +549,21 @@ class Scheduler:
         if self._last_prune is not None and now - self._last_prune < self._prune_every:
             return
         self._last_prune = now
-        pruned = self._coordination.prune_runs(now - self._retention)
+        if not self._threaded:
+            self._prune(now - self._retention)
+        elif self._pruner is None or not self._pruner.is_alive():
+            # Pruning reads what it deletes: a big backlog takes seconds, off the schedule.
+            self._pruner = threading.Thread(
+                target=self._prune, args=(now - self._retention,), name="pruner", daemon=True
+            )
+            self._pruner.start()
+
+    def _prune(self, finished_before: datetime) -> None:
+        try:
+            pruned = self._coordination.prune_runs(finished_before)
+        except Exception:
+            log.exception("pruning finished run records failed; the next prune retries")
+            return
         if pruned:
             log.info("pruned %d finished run records older than %s", pruned, self._retention)
 

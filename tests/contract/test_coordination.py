@@ -671,3 +671,14 @@ def test_node_health_is_recorded_replaced_and_cleared(coordination: Coordination
     coordination.clear_node_health("db1")
     coordination.clear_node_health("db1")
     assert list(coordination.node_health()) == ["web1"]
+
+
+def test_active_run_ids_are_the_ids_of_the_active_runs(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    first, second = assigned("backup", 0), assigned("backup", 1)
+    coordination.record_runs(epoch, [first, second])
+    coordination.claim_run(second.run_id, "p1", slot(1))
+    assert coordination.active_run_ids() == {first.run_id, second.run_id}
+    coordination.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=slot(1), exit_code=0)
+    assert coordination.active_run_ids() == {second.run_id}
