@@ -815,8 +815,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         reason: str = "",
         expect: Mapping[str, Any] | None = None,
     ) -> RunRecord | None:
-        """Active -> ``state`` (terminal), dropping its index entries and heartbeat in the
-        same transaction; a finished run is returned as stored; None if unknown."""
+        """Active -> ``state`` (terminal), dropping its index entries and (if this instance
+        holds it) its heartbeat in the same transaction; a finished run is returned as
+        stored; None if unknown."""
         state = RunState(state)
         if not state.terminal:
             raise ValueError(f"{state} is not a terminal state")
@@ -831,9 +832,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         record, existing = self._modify(run_id, change)
         if existing is not None and (record or existing).state.terminal:
             with self._lock:
+                held = run_id in self._heartbeats
                 self._heartbeats.discard(run_id)
-            with contextlib.suppress(StoreUnavailable):
-                self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
+            if held and record is None:  # finished by somebody else: drop our heartbeat
+                with contextlib.suppress(StoreUnavailable):
+                    self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
         return record or existing
 
     def request_cancel(self, run_id: str) -> bool:
@@ -882,6 +885,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 if updated is None:
                     return None, existing
                 before, after = self._index(existing), self._index(updated)
+                if existing.state == RunState.RUNNING and updated.state.terminal:
+                    with self._lock:
+                        ours = run_id in self._heartbeats
+                    if ours:  # the heartbeat goes in the same transaction as the finish
+                        before.add(self._paths.heartbeat(run_id))
                 self._ensure_parents({_parent(p) for p in after - before})
                 txn = self._client.transaction()
                 txn.set_data(path, _encode(updated), version=got[1].version)
