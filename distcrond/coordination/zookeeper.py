@@ -228,6 +228,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._own_peers: dict[str, PeerInfo] = {}
         self._heartbeats: set[str] = set()  # runs claimed here and not finished
         self._ensured: set[str] = set()  # parent nodes known to exist
+        # Cursor (slot, znode version) as last read or written here; checked on every write.
+        self._cursor_cache: dict[str, tuple[datetime, int]] = {}
         self._session_id: int | None = None
         self._events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._dispatcher = threading.Thread(
@@ -587,21 +589,26 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         cursors = dict(cursors or {})
 
         def attempt(lost: bool) -> list[RunRecord]:
+            # Optimistic: the transaction creates every run not known to exist; a create that
+            # fails (NodeExists) names the run, which is then left out and the rest retried.
+            # Cursor versions come from this instance's cache (the leader is their only
+            # writer); a stale one fails the check and is read again.
+            existing: set[str] = set()
+            ours: set[str] = set()
+            if lost:  # runs an earlier attempt of this call may have created
+                stats = self._exists_many([self._paths.run(r.job_id, r.run_id) for r in wanted])
+                maybe = [r for r, st in zip(wanted, stats, strict=True) if st is not None]
+                found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in maybe])
+                existing = {r.run_id for r in maybe}
+                ours = {
+                    r.run_id
+                    for r, got in zip(maybe, found, strict=True)
+                    if got is not None and got[0] == payloads[r.run_id]
+                }
             for _ in range(_CAS_ATTEMPTS):
                 node = self._fence_node(epoch)
-                paths = [self._paths.run(r.job_id, r.run_id) for r in wanted]
-                stats = self._exists_many(paths)
-                new = [r for r, stat in zip(wanted, stats, strict=True) if stat is None]
-                ours: set[str] = set()
-                if lost:  # runs an earlier attempt of this call may have created
-                    maybe = [r for r, stat in zip(wanted, stats, strict=True) if stat is not None]
-                    found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in maybe])
-                    ours = {
-                        r.run_id
-                        for r, got in zip(maybe, found, strict=True)
-                        if got is not None and got[0] == payloads[r.run_id]
-                    }
-                current = self._get_many([self._paths.cursor(j) for j in cursors])
+                new = [r for r in wanted if r.run_id not in existing]
+                current = self._cursor_versions(list(cursors))
                 parents = {self._paths.run_bucket(r.job_id) for r in new}
                 for r in new:
                     parents |= {_parent(p) for p in self._index(r)}
@@ -610,41 +617,78 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 txn = self._client.transaction()
                 txn.check(self._paths.epoch, epoch)
                 txn.check(node, 0)
+                owners: list[RunRecord | str | None] = [None, None]  # what each op writes
                 for r in new:
                     txn.create(self._paths.run(r.job_id, r.run_id), payloads[r.run_id], self._acl)
+                    owners.append(r)
                     for index_path in sorted(self._index(r)):
                         txn.create(index_path, b"", self._acl)
-                cursor_ops = 0
-                for (job_id, slot), got in zip(cursors.items(), current, strict=True):
+                        owners.append(r)
+                moved: dict[str, tuple[datetime, int]] = {}
+                for job_id, slot in cursors.items():
                     text = format_slot(slot).encode()
-                    if got is None:
+                    known = current.get(job_id)
+                    if known is None:
                         txn.create(self._paths.cursor(job_id), text, self._acl)
-                    elif slot > parse_slot(got[0].decode()):
-                        txn.set_data(self._paths.cursor(job_id), text, version=got[1].version)
+                        moved[job_id] = (slot, 0)
+                    elif slot > known[0]:
+                        txn.set_data(self._paths.cursor(job_id), text, version=known[1])
+                        moved[job_id] = (slot, known[1] + 1)
                     else:
                         continue
-                    cursor_ops += 1
-                if not new and not cursor_ops:
+                    owners.append(job_id)
+                if not new and not moved:
                     # Nothing to write: the fence still has to hold now.
                     txn = self._client.transaction()
                     txn.check(self._paths.epoch, epoch)
                     txn.check(node, 0)
                 failed = _failure(self._wait(txn.commit_async()))
                 if failed is None:
+                    with self._lock:
+                        self._cursor_cache.update(moved)
                     created = {r.run_id for r in new} | ours
                     return [r for r in wanted if r.run_id in created]
                 index, error = failed
                 if index < 2:
                     raise FencedOut(f"epoch {epoch} is not the current leader's ({error!r})")
+                owner = owners[index] if index < len(owners) else None
                 if isinstance(error, NoNodeError):
                     with self._lock:
                         self._ensured -= parents  # a bucket was pruned meanwhile
-                elif not isinstance(error, NodeExistsError | BadVersionError):
+                elif isinstance(error, NodeExistsError) and isinstance(owner, RunRecord):
+                    run_path = self._paths.run(owner.job_id, owner.run_id)
+                    if self._exists_many([run_path])[0] is not None:
+                        existing.add(owner.run_id)  # recorded before: the run lock held
+                    else:  # a stray index node without its run: clear it and retry
+                        stray = [p for p in sorted(self._index(owner))]
+                        for path in stray:
+                            with contextlib.suppress(NoNodeError):
+                                self._wait(self._client.delete_async(path))
+                elif isinstance(error, NodeExistsError | BadVersionError):
+                    with self._lock:  # another writer moved a cursor: read them again
+                        self._cursor_cache.clear()
+                else:
                     raise StoreUnavailable(f"recording runs failed: {error!r}")
-                # NodeExists / BadVersion: raced with another writer; look again.
             raise StoreUnavailable("recording runs: too much contention")
 
         return self._retry(attempt)
+
+    def _cursor_versions(self, job_ids: list[str]) -> dict[str, tuple[datetime, int]]:
+        """(slot, znode version) of the jobs' cursors that exist, from the cache or read."""
+        with self._lock:
+            known = {j: self._cursor_cache[j] for j in job_ids if j in self._cursor_cache}
+        missing = [j for j in job_ids if j not in known]
+        if missing:
+            found = self._get_many([self._paths.cursor(j) for j in missing])
+            read = {
+                j: (parse_slot(got[0].decode()), got[1].version)
+                for j, got in zip(missing, found, strict=True)
+                if got is not None
+            }
+            with self._lock:
+                self._cursor_cache.update(read)
+            known.update(read)
+        return known
 
     def _fence_node(self, epoch: int) -> str:
         """The lock node of the leader of ``epoch``; FencedOut when it is not the leader's."""
