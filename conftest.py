@@ -1,4 +1,4 @@
-"""Fixtures shared by tests/ and integration/: one real ZooKeeper ensemble and one set of real
-sshd hosts per test session (each started only when a test asks for it)."""
+"""Fixtures shared by tests/ and integration/: one real ZooKeeper ensemble, one set of real
+sshd hosts and one real Elasticsearch per test session (each started only when a test asks)."""
 
-pytest_plugins = ["integration.zk_fixtures", "integration.ssh_fixtures"]
+pytest_plugins = ["integration.zk_fixtures", "integration.ssh_fixtures", "integration.es_fixtures"]
