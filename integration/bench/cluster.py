@@ -241,7 +241,7 @@ def observer(hosts: str, root: str) -> Iterator[ZooKeeperCoordinationStore]:
 
 def prune_scan(store: ZooKeeperCoordinationStore, znodes: int) -> tuple[int, float]:
     """How long one pass of the store's prune takes over what the cluster holds now, with a
-    cutoff that deletes nothing: the leader runs such a pass on its scheduling thread when
+    cutoff that deletes nothing: the leader runs such a pass on a thread of its own when
     it takes over and every minute after."""
     began = time.monotonic()
     store.prune_runs(datetime.fromtimestamp(0, UTC))
@@ -851,7 +851,7 @@ def print_failover(result: FailoverResult, summary: dict[str, dict[str, Any]]) -
 
 def prune_text(scan: tuple[int, float]) -> str:
     return (
-        f"one prune pass (as the leader runs on its scheduling thread on taking over and every "
+        f"one prune pass (as the leader runs on its pruning thread on taking over and every "
         f"60 s) over the {scan[0]} znodes under runs/ took {scan[1]:.2f} s"
     )
 
