@@ -361,9 +361,14 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._revoke(election)  # in case the thread could not (it is stuck on I/O)
 
     def leader(self) -> LeaderInfo | None:
-        """The leader named in ``/leader``, if its lock node is still in the election."""
+        """The leader named in ``/leader``, if its lock node is still in the election.
+
+        A ``sync`` first: the server this client talks to may lag behind the ensemble's
+        leader, and a peer asked right after a handover must not answer "no leader".
+        """
 
         def read(_lost: bool) -> LeaderInfo | None:
+            self._wait(self._client.sync_async(self._paths.leader))
             got = self._get(self._paths.leader)
             if got is None or not got[0]:
                 return None
