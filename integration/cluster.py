@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 
-from integration.peers import Peer, children_of, ledger_lines, pid_alive, wait_for
+from integration.peers import Peer, descendants, ledger_lines, pid_alive, wait_for
 
 
 def ledger_job(ledger: Path, every: str = "1s", **fields: Any) -> dict[str, Any]:
@@ -120,14 +120,14 @@ class Cluster:
     def kill9(self, peer: Peer) -> None:
         """SIGKILL the daemon and everything it started (a crashed host takes its runs too)."""
         assert peer.proc is not None
-        descendants = children_of(peer.proc.pid)
+        family = descendants(peer.proc.pid)
         peer.proc.send_signal(signal.SIGKILL)
-        for pid in descendants:
+        for pid in family:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         peer.proc.wait(10)
         wait_for(
-            lambda: not any(pid_alive(pid) for pid in descendants), 10, f"{peer.peer_id} to die"
+            lambda: not any(pid_alive(pid) for pid in family), 10, f"{peer.peer_id} to die"
         )
 
     def stop(self) -> None:

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import pytest
 
+from deploy.services.common import port_is_free
 from deploy.services.elasticsearch import (
     DEFAULT_DIST_DIR,
     TRANSPORT_OFFSET,
     Elasticsearch,
     ElasticsearchError,
     http_json,
-    port_is_free,
 )
 
 PORT_ENV = "DISTCRON_TEST_ES_PORT"

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import requests
 
+from deploy.services.common import descendants, pid_alive
+
 T = TypeVar("T")
 DISTCROND = str(Path(sys.executable).with_name("distcrond"))
 DISTCRONCTL = str(Path(sys.executable).with_name("distcronctl"))
@@ -49,42 +51,6 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
                 f"timed out after {timeout}s waiting for {what}; last error: {last_error!r}"
             )
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def children_of(pid: int) -> list[int]:
-    """All descendants of ``pid`` (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 @dataclass
@@ -214,7 +180,7 @@ class Peer:
         """Stop everything this peer started, whatever state it is in (fixture teardown)."""
         if self.proc is None:
             return
-        descendants = children_of(self.proc.pid)
+        family = descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -222,7 +188,7 @@ class Peer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in descendants:
+        for pid in family:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from deploy.services.common import port_is_free
 from deploy.services.sshd import (
     DEFAULT_ADDRESSES,
     DEFAULT_PORT,
@@ -42,7 +43,6 @@ from deploy.services.sshd import (
     SSHHost,
     SSHServers,
     SSHServersError,
-    port_is_free,
     session_processes,
 )
 
@@ -76,7 +76,7 @@ def wait_remote_gone(address: str, contains: str, timeout: float = 10.0, port: i
 @pytest.fixture(scope="session")
 def ssh_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServers]:
     """Three running sshd "hosts" for the whole test session; stopped at its end."""
-    taken = [f"{a}:{PORT}" for a in ADDRESSES if not port_is_free(a, PORT)]
+    taken = [f"{a}:{PORT}" for a in ADDRESSES if not port_is_free(PORT, a)]
     if taken:
         pytest.fail(
             f"SSH test hosts: {', '.join(taken)} already in use. The tests start their own "

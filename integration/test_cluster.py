@@ -22,7 +22,7 @@ from deploy.services.zookeeper import Ensemble
 from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
 from distcrond.runs import run_id_for, split_run_id
 from integration.cluster import Cluster, duplicates, ledger_job, wait_new_lines
-from integration.peers import children_of, ledger_lines, wait_for
+from integration.peers import descendants, ledger_lines, wait_for
 from integration.zk_fixtures import kazoo_client
 
 pytestmark = [pytest.mark.zookeeper, pytest.mark.timeout(240)]
@@ -287,7 +287,7 @@ def test_with_digest_auth_the_cluster_works_and_its_znodes_refuse_others(
         run_id = peer.post("/api/v1/jobs/tick/runs").json()["run_id"]
         peer.wait_run(run_id, ("succeeded",))  # the API workers read with the same identity
         assert peer.proc is not None
-        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children_of(peer.proc.pid)]
+        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(peer.proc.pid)]
         assert argvs and not any(b"s3cret" in argv for argv in argvs)  # not shown by ps
         with kazoo_client(zk_hosts) as client, pytest.raises(NoAuthError):
             client.get_children("/distcron/runs")

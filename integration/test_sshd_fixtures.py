@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from deploy.services.common import pid_alive
 from deploy.services.sshd import (
     SSHD,
     RemoteProcess,
     SSHHost,
     SSHServers,
-    pid_alive,
     ssh_banner,
 )
 from integration.ssh_fixtures import remote_processes, wait_remote_gone

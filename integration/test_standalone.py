@@ -16,7 +16,7 @@ import pytest
 
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import parse_slot
-from integration.peers import DISTCRONCTL, Peer, children_of, ledger_lines, pid_alive, wait_for
+from integration.peers import DISTCRONCTL, Peer, descendants, ledger_lines, pid_alive, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -164,12 +164,12 @@ def test_sigterm_stops_the_peer_and_leaves_no_child_process(make_peer, tmp_path:
         lambda: (p := ledger_lines(pids)) and len(p) == 2 and [int(x[0]) for x in p], 15, "pids"
     )
     assert peer.proc is not None
-    descendants = children_of(peer.proc.pid)
-    assert set(job_pids) <= set(descendants)
-    assert len(descendants) > len(job_pids)  # the gunicorn arbiter and workers too
+    family = descendants(peer.proc.pid)
+    assert set(job_pids) <= set(family)
+    assert len(family) > len(job_pids)  # the gunicorn arbiter and workers too
 
     assert peer.stop() == 0
-    wait_for(lambda: not any(pid_alive(p) for p in descendants), 10, "every child to be gone")
+    wait_for(lambda: not any(pid_alive(p) for p in family), 10, "every child to be gone")
 
     reports = SQLiteReportStore(peer.state_dir / "reports.sqlite3")
     try:

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 import pytest
 from kazoo.client import KazooClient
 
-from deploy.services.zookeeper import Ensemble, EnsembleError, port_is_free
+from deploy.services.common import port_is_free
+from deploy.services.zookeeper import Ensemble, EnsembleError
 
 BASE_PORT_ENV = "DISTCRON_TEST_ZK_BASE_PORT"
 SERVERS = 3

@@ -42,7 +42,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -51,9 +50,13 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deploy.services.common import pid_alive, port_is_free, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "var" / "services" / "elasticsearch"
@@ -75,41 +78,6 @@ class ElasticsearchError(RuntimeError):
 
 def _say(message: str) -> None:
     print(f"elasticsearch: {message}", flush=True)
-
-
-def port_is_free(port: int, host: str = HOST) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (PID 1 here may never reap ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _wait(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def http_json(
@@ -461,7 +429,7 @@ class Elasticsearch:
                 )
             return self.health() is not None
 
-        if not _wait(ready, timeout, interval=0.5):
+        if not wait_until(ready, timeout, interval=0.5):
             raise ElasticsearchError(f"{self.url} not yellow after {timeout}s\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -479,12 +447,12 @@ class Elasticsearch:
         for pid in [server] if server is not None else pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        if not _wait(lambda: self._all_gone(pids), timeout, interval=0.1):
+        if not wait_until(lambda: self._all_gone(pids), timeout, interval=0.1):
             _say(f"not stopped after {timeout}s: SIGKILL {pids}")
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            if not _wait(lambda: self._all_gone(pids), 10.0, interval=0.1):
+            if not wait_until(lambda: self._all_gone(pids), 10.0, interval=0.1):
                 raise ElasticsearchError(f"elasticsearch (pids {pids}) did not exit")
         self._cleanup_pid_files()
 

@@ -28,15 +28,26 @@ import contextlib
 import hashlib
 import ipaddress
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deploy.services.common import (
+    apt_install,
+    descendants,
+    parents,
+    pid_alive,
+    port_is_free,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "var" / "services" / "sshd"
@@ -97,17 +108,6 @@ def _say(message: str) -> None:
 # -- small process and network helpers ------------------------------------------------
 
 
-def port_is_free(address: str, port: int) -> bool:
-    """True if ``address:port`` can be bound (a listener on 0.0.0.0:port also takes it)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-    return True
-
-
 def ssh_banner(address: str, port: int, timeout: float = 1.0) -> str | None:
     """The server's identification line (``SSH-2.0-OpenSSH_9.2p1 ...``), None if none."""
     try:
@@ -128,21 +128,6 @@ def ssh_banner(address: str, port: int, timeout: float = 1.0) -> str | None:
     return line.decode(errors="replace") if line.startswith(BANNER_PREFIX) else None
 
 
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (PID 1 here may never reap ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -151,47 +136,9 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid for every live process (zombies excluded), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
-    return parents
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for child, parent in _parents().items():
-        children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
-
-
-def _wait(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -213,9 +160,8 @@ def session_processes(address: str, port: int) -> list[RemoteProcess]:
     clears its environment). sshd's own per-connection processes do not have it.
     """
     found: list[RemoteProcess] = []
-    parents = _parents()
     me = os.getpid()
-    for pid, ppid in parents.items():
+    for pid, ppid in parents().items():
         if pid == me:
             continue
         try:
@@ -236,12 +182,6 @@ def session_processes(address: str, port: int) -> list[RemoteProcess]:
 
 
 # -- installing Debian's package ------------------------------------------------------
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    _say("running: " + " ".join(cmd))
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
 
 
 def _system_sshd_pid() -> int | None:
@@ -273,37 +213,6 @@ def _services_never_start() -> Iterator[None]:
         POLICY_RC_D.unlink(missing_ok=True)
 
 
-def _apt_install(packages: list[str]) -> None:
-    if os.geteuid() != 0:
-        raise SSHServersError(f"{' '.join(packages)} not installed and not root: install it")
-    if shutil.which("apt-get") is None:
-        raise SSHServersError(f"{' '.join(packages)} not installed and no apt-get here")
-    install = [
-        "apt-get",
-        "install",
-        "-y",
-        "-q",
-        "--no-install-recommends",
-        # Wait for another apt (someone else's install) instead of failing at once.
-        "-o",
-        "DPkg::Lock::Timeout=300",
-        "-o",
-        "Dpkg::Options::=--force-confdef",
-        "-o",
-        "Dpkg::Options::=--force-confold",
-        *packages,
-    ]
-    # A fresh machine may have no package lists (or stale ones): update once and retry.
-    if _run(["apt-cache", "show", packages[0]]).returncode != 0:
-        _run(["apt-get", "update", "-q"])
-    result = _run(install)
-    if result.returncode != 0:
-        _run(["apt-get", "update", "-q"])
-        result = _run(install)
-    if result.returncode != 0:
-        raise SSHServersError(f"apt-get install failed:\n{result.stdout[-2000:]}{result.stderr}")
-
-
 def install() -> Path:
     """Make sure Debian's openssh-server is installed (without a system sshd left running).
 
@@ -317,12 +226,12 @@ def install() -> Path:
     _say(f"{SSHD} is missing: installing {PACKAGE} with apt-get")
     system_before = _system_sshd_pid()
     with _services_never_start():
-        _apt_install([PACKAGE])
+        apt_install([PACKAGE], _say, SSHServersError)
     started = _system_sshd_pid()
     if started is not None and started != system_before:
         _say(f"stopping the system sshd (pid {started}) that the package started")
         _signal(started, signal.SIGTERM)
-        if not _wait(lambda: not pid_alive(started), 10.0):
+        if not wait_until(lambda: not pid_alive(started), 10.0):
             _signal(started, signal.SIGKILL)
     if not SSHD.exists():
         raise SSHServersError(f"after installing {PACKAGE}, still no {SSHD}")
@@ -576,7 +485,7 @@ class SSHServers:
             self.wait_serving([address], timeout)
 
     def _spawn(self, address: str) -> None:
-        if not port_is_free(address, self.port):
+        if not port_is_free(self.port, address):
             raise SSHServersError(
                 f"{address}:{self.port} is taken by another process (not by our sshd)"
             )
@@ -621,9 +530,9 @@ class SSHServers:
                 self._drop_sessions(address, pid)
             _signal(pid, signal.SIGTERM)
             _signal(pid, signal.SIGCONT)
-            if not _wait(lambda: self._gone(address, pid), timeout):
+            if not wait_until(lambda: self._gone(address, pid), timeout):
                 _signal(pid, signal.SIGKILL)
-                if not _wait(lambda: self._gone(address, pid), 5.0):
+                if not wait_until(lambda: self._gone(address, pid), 5.0):
                     raise SSHServersError(f"sshd for {address} (pid {pid}) did not exit")
             self.pid_file(address).unlink(missing_ok=True)
         if drop_sessions:  # orphans of dropped clients, or of a stop without dropping
@@ -639,7 +548,7 @@ class SSHServers:
         _signal(master, signal.SIGSTOP)
         frozen: list[int] = []
         for _ in range(50):
-            new = [pid for pid in _descendants(master) if pid not in frozen]
+            new = [pid for pid in descendants(master) if pid not in frozen]
             if not new:
                 break
             for pid in new:
@@ -652,7 +561,7 @@ class SSHServers:
     def _kill_all(pids: list[int]) -> None:
         for pid in pids:
             _signal(pid, signal.SIGKILL)
-        _wait(lambda: not any(pid_alive(pid) for pid in pids), 5.0)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), 5.0)
 
     def _gone(self, address: str, pid: int) -> bool:
         proc = self._children.get(address)
@@ -686,7 +595,7 @@ class SSHServers:
             _say(f"already running: {self.describe()}")
             return
         to_start = [a for a in self.addresses if a not in running]
-        taken = [f"{a}:{self.port}" for a in to_start if not port_is_free(a, self.port)]
+        taken = [f"{a}:{self.port}" for a in to_start if not port_is_free(self.port, a)]
         if taken:
             raise SSHServersError(f"{', '.join(taken)} taken by other processes")
         self.install()
@@ -721,7 +630,7 @@ class SSHServers:
                 raise SSHServersError(f"sshd for {dead} exited\n{self.log_tails(dead)}")
             return all(self.serving(a) for a in wanted)
 
-        if not _wait(ready, timeout):
+        if not wait_until(ready, timeout):
             raise SSHServersError(
                 f"sshd for {wanted} not answering after {timeout}s\n{self.log_tails(wanted)}"
             )

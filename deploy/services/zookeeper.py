@@ -23,8 +23,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from deploy.services.common import apt_install, pid_alive, port_is_free, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "var" / "services" / "zookeeper"
@@ -78,59 +83,11 @@ def parse_mode(srvr_reply: str | None) -> str | None:
     return None
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie (PID 1 here may never reap ours)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    _say("running: " + " ".join(cmd))
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(cmd, env=env, text=True, capture_output=True, check=False)
-
-
 def _dpkg_installed(package: str) -> bool:
     result = subprocess.run(
         ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
     )
     return result.returncode == 0 and result.stdout.strip() == "install ok installed"
-
-
-def _apt_install(packages: list[str]) -> None:
-    if os.geteuid() != 0:
-        raise EnsembleError(f"{' '.join(packages)} not installed and not root: install it with apt")
-    if shutil.which("apt-get") is None:
-        raise EnsembleError(f"{' '.join(packages)} not installed and no apt-get on this machine")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages]
-    # A fresh machine may have no package lists (or stale ones): update once and retry.
-    if _run(["apt-cache", "show", packages[0]]).returncode != 0:
-        _run(["apt-get", "update", "-q"])
-    result = _run(install)
-    if result.returncode != 0:
-        _run(["apt-get", "update", "-q"])
-        result = _run(install)
-    if result.returncode != 0:
-        raise EnsembleError(f"apt-get install failed:\n{result.stdout[-2000:]}{result.stderr}")
 
 
 def _jre_package() -> str:
@@ -151,12 +108,12 @@ def install() -> str:
         _say(f"package {PACKAGE} is installed")
     else:
         _say(f"package {PACKAGE} is not installed: installing it with apt-get")
-        _apt_install([PACKAGE])
+        apt_install([PACKAGE], _say, EnsembleError)
     java = shutil.which("java")
     if java is None:
         jre = _jre_package()
         _say(f"no java on PATH: installing {jre}")
-        _apt_install([jre])
+        apt_install([jre], _say, EnsembleError)
         java = shutil.which("java")
     if java is None or not ZOOKEEPER_JAR.exists():
         raise EnsembleError(f"after installing, still no java or no {ZOOKEEPER_JAR}")
@@ -166,16 +123,6 @@ def install() -> str:
 def classpath() -> str:
     """The server's classpath: zookeeper.jar (its manifest brings its deps) + a log binding."""
     return ":".join(str(p) for p in (ZOOKEEPER_JAR, *LOGGING_JARS) if p.exists())
-
-
-def _wait(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 class Ensemble:
@@ -360,11 +307,11 @@ class Ensemble:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        gone = _wait(lambda: self._gone(pid), timeout, interval=0.05)
+        gone = wait_until(lambda: self._gone(pid), timeout, interval=0.05)
         if not gone and sig != signal.SIGKILL:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            gone = _wait(lambda: self._gone(pid), 5.0, interval=0.05)
+            gone = wait_until(lambda: self._gone(pid), 5.0, interval=0.05)
         if not gone:
             raise EnsembleError(f"server {n} (pid {pid}) did not exit")
         self._pid_file(n).unlink(missing_ok=True)
@@ -436,7 +383,7 @@ class Ensemble:
             modes = self.modes()
             return all(modes[n] in SERVING_MODES for n in wanted)
 
-        if not _wait(ready, timeout, interval=0.1):
+        if not wait_until(ready, timeout, interval=0.1):
             raise EnsembleError(
                 f"servers {wanted} not serving after {timeout}s (modes {self.modes()})\n"
                 + self.log_tails(wanted)
@@ -451,7 +398,7 @@ class Ensemble:
             has_leader = "leader" in modes or "standalone" in modes
             return has_leader and serving > self.servers // 2
 
-        if not _wait(ready, timeout, interval=0.1):
+        if not wait_until(ready, timeout, interval=0.1):
             raise EnsembleError(
                 f"no quorum after {timeout}s (modes {self.modes()})\n"
                 + self.log_tails(list(self.ids))
