@@ -168,9 +168,59 @@ class LeadershipListener(Protocol):
     def revoke_leadership(self) -> None: ...
 
 
+_IMMUTABLE_FIELDS = frozenset({"run_id", "job_id", "slot"})
+
+RunChange = Callable[[RunRecord], "RunRecord | None"]
+
+
 def has_values(record: RunRecord, expect: Mapping[str, Any] | None) -> bool:
     """Whether ``record`` has every field value of ``expect`` (None: no condition)."""
     return not expect or all(getattr(record, k) == v for k, v in expect.items())
+
+
+def update_change(changes: dict[str, Any], expect: Mapping[str, Any] | None) -> RunChange:
+    """The record change of ``update_run`` (every backend's): ValueError for a change it
+    refuses; the change gives None for a finished run or one without the ``expect`` values."""
+    if _IMMUTABLE_FIELDS & changes.keys():
+        raise ValueError(f"cannot change {sorted(_IMMUTABLE_FIELDS & changes.keys())}")
+    if "state" in changes:
+        changes["state"] = RunState(changes["state"])
+        if changes["state"].terminal:
+            raise ValueError("use finish_run to end a run")
+
+    def change(record: RunRecord) -> RunRecord | None:
+        if record.state.terminal or not has_values(record, expect):
+            return None
+        return record.replace(**changes)
+
+    return change
+
+
+def finish_change(
+    state: RunState,
+    ended_at: datetime,
+    exit_code: int | None,
+    reason: str,
+    expect: Mapping[str, Any] | None,
+) -> RunChange:
+    """The record change of ``finish_run`` (every backend's)."""
+    state = RunState(state)
+    if not state.terminal:
+        raise ValueError(f"{state} is not a terminal state")
+
+    def change(record: RunRecord) -> RunRecord | None:
+        if record.state.terminal or not has_values(record, expect):
+            return None
+        return record.replace(state=state, ended_at=ended_at, exit_code=exit_code, reason=reason)
+
+    return change
+
+
+def cancel_change(record: RunRecord) -> RunRecord | None:
+    """The record change of ``request_cancel`` (every backend's)."""
+    if record.state.terminal or record.cancel_requested:
+        return None
+    return record.replace(cancel_requested=True)
 
 
 class CoordinationStore(ABC):

@@ -56,7 +56,9 @@ from distcrond.coordination.base import (
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
-    has_values,
+    cancel_change,
+    finish_change,
+    update_change,
 )
 from distcrond.runs import ACTIVE_STATES, RunRecord, RunState, format_slot, parse_slot
 from distcrond.sqlitedb import SQLiteDatabase, to_us
@@ -111,7 +113,6 @@ _SCHEMA = (
 
 _TERMINAL = tuple(s.value for s in RunState if s.terminal)
 _ACTIVE = tuple(s.value for s in ACTIVE_STATES)
-_IMMUTABLE_FIELDS = frozenset({"run_id", "job_id", "slot"})
 
 # Event kinds a run watcher is told about once each.
 _ASSIGNED = "assigned"
@@ -503,19 +504,7 @@ class SQLiteCoordinationStore(CoordinationStore):
         only through :meth:`finish_run` (ValueError). Moving a run (back) to
         ``assigned``, or setting ``cancel_requested``, notifies the run's watchers.
         """
-        if _IMMUTABLE_FIELDS & changes.keys():
-            raise ValueError(f"cannot change {sorted(_IMMUTABLE_FIELDS & changes.keys())}")
-        if "state" in changes:
-            changes["state"] = RunState(changes["state"])
-            if changes["state"].terminal:
-                raise ValueError("use finish_run to end a run")
-
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or not has_values(record, expect):
-                return None
-            return record.replace(**changes)
-
-        record, _ = self._modify(run_id, change)
+        record, _ = self._modify(run_id, update_change(changes, expect))
         return record
 
     def finish_run(
@@ -529,29 +518,14 @@ class SQLiteCoordinationStore(CoordinationStore):
         expect: Mapping[str, Any] | None = None,
     ) -> RunRecord | None:
         """Active -> ``state`` (terminal); a finished run is returned as stored; None if unknown."""
-        state = RunState(state)
-        if not state.terminal:
-            raise ValueError(f"{state} is not a terminal state")
-
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or not has_values(record, expect):
-                return None
-            return record.replace(
-                state=state, ended_at=ended_at, exit_code=exit_code, reason=reason
-            )
-
+        change = finish_change(state, ended_at, exit_code, reason, expect)
         record, existing = self._modify(run_id, change)
         return record or existing
 
     def request_cancel(self, run_id: str) -> bool:
         """Set ``cancel_requested`` on an active run (idempotent); False when it is not active."""
 
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or record.cancel_requested:
-                return None
-            return record.replace(cancel_requested=True)
-
-        record, existing = self._modify(run_id, change)
+        record, existing = self._modify(run_id, cancel_change)
         current = record or existing
         return current is not None and not current.state.terminal
 

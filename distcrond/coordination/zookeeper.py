@@ -77,7 +77,9 @@ from distcrond.coordination.base import (
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
-    has_values,
+    cancel_change,
+    finish_change,
+    update_change,
 )
 from distcrond.coordination.zkpaths import ZKPaths
 from distcrond.runs import (
@@ -93,7 +95,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_IMMUTABLE_FIELDS = frozenset({"run_id", "job_id", "slot"})
 _ASSIGNED = "assigned"
 _CANCEL = "cancel"
 # A znode holds at most jute.maxbuffer (1 MB by default) of data: big config
@@ -839,19 +840,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         of peer or state; a run moved (back) to ``assigned`` is a new assignment
         for its peer's watchers.
         """
-        if _IMMUTABLE_FIELDS & changes.keys():
-            raise ValueError(f"cannot change {sorted(_IMMUTABLE_FIELDS & changes.keys())}")
-        if "state" in changes:
-            changes["state"] = RunState(changes["state"])
-            if changes["state"].terminal:
-                raise ValueError("use finish_run to end a run")
-
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or not has_values(record, expect):
-                return None
-            return record.replace(**changes)
-
-        record, _ = self._modify(run_id, change)
+        record, _ = self._modify(run_id, update_change(changes, expect))
         return record
 
     def finish_run(
@@ -867,17 +856,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         """Active -> ``state`` (terminal), dropping its index entries and (if this instance
         holds it) its heartbeat in the same transaction; a finished run is returned as
         stored; None if unknown."""
-        state = RunState(state)
-        if not state.terminal:
-            raise ValueError(f"{state} is not a terminal state")
-
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or not has_values(record, expect):
-                return None
-            return record.replace(
-                state=state, ended_at=ended_at, exit_code=exit_code, reason=reason
-            )
-
+        change = finish_change(state, ended_at, exit_code, reason, expect)
         record, existing = self._modify(run_id, change)
         if existing is not None and (record or existing).state.terminal:
             with self._lock:
@@ -892,12 +871,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         """Set ``cancel_requested`` on an active run and index it under its peer's
         ``/cancels`` (idempotent); False when the run is not active."""
 
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state.terminal or record.cancel_requested:
-                return None
-            return record.replace(cancel_requested=True)
-
-        record, existing = self._modify(run_id, change)
+        record, existing = self._modify(run_id, cancel_change)
         current = record or existing
         return current is not None and not current.state.terminal
 
