@@ -126,9 +126,7 @@ class Cluster:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         peer.proc.wait(10)
-        wait_for(
-            lambda: not any(pid_alive(pid) for pid in family), 10, f"{peer.peer_id} to die"
-        )
+        wait_for(lambda: not any(pid_alive(pid) for pid in family), 10, f"{peer.peer_id} to die")
 
     def stop(self) -> None:
         for peer in self.peers:

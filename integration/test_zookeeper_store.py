@@ -40,6 +40,13 @@ def eventually(predicate: Callable[[], object], timeout: float = 10.0, what: str
         time.sleep(0.005)  # polling a condition with a deadline
 
 
+def lead(store: ZooKeeperCoordinationStore, peer_id: str) -> int:
+    """Stand ``store`` for election as ``peer_id`` and wait until it leads: its epoch."""
+    listener = Listener()
+    store.start_election(peer_id, listener)
+    return listener.epoch()
+
+
 def run(job_id: str, i: int, peer_id: str) -> RunRecord:
     slot = T0 + timedelta(minutes=i)
     return RunRecord(
@@ -255,9 +262,7 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
     (leader, _), (executor, client_e) = make_store(), make_store()
-    listener = Listener()
-    leader.start_election("l", listener)
-    epoch = listener.epoch()
+    epoch = lead(leader, "l")
     first, second = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [first, second])
     paths = ZKPaths()
@@ -283,9 +288,7 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
     (leader, _), (executor, client_e) = make_store(), make_store()
-    listener = Listener()
-    leader.start_election("l", listener)
-    epoch = listener.epoch()
+    epoch = lead(leader, "l")
     before, after = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [before, after])
     executor.register_peer(peer("e"))
@@ -306,9 +309,7 @@ def test_runs_recorded_by_the_leader_reach_the_assigned_peers_watch(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
     (leader, _), (executor, _) = make_store(), make_store()
-    listener = Listener()
-    leader.start_election("l", listener)
-    epoch = listener.epoch()
+    epoch = lead(leader, "l")
     events = RunEvents()
     executor.watch_runs("e", events)
 

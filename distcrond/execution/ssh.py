@@ -198,17 +198,25 @@ class HostKeyPolicy:
         entry = keys.lookup(known_hosts_name(options.host, options.port))
         return dict(entry) if entry else {}
 
-    def algorithms(self, options: SSHOptions) -> list[str] | None:
-        """Host key algorithms to ask for, so that the server shows the key type we know."""
+    def algorithms(self, options: SSHOptions, known: dict[str, paramiko.PKey]) -> list[str] | None:
+        """Host key algorithms to ask for, so that the server shows the key type we know
+        (``known``: what :meth:`known` found for the node)."""
         if options.ssh_host_key and not options.ssh_host_key.startswith("SHA256:"):
             types = [options.ssh_host_key.split()[0]]
         else:
-            types = list(self.known(options)) if not options.ssh_host_key else []
+            types = list(known) if not options.ssh_host_key else []
         if not types:
             return None
         return [alg for t in types for alg in _ALGORITHMS.get(t, (t,))]
 
-    def verify(self, options: SSHOptions, key: paramiko.PKey) -> None:
+    def verify(
+        self,
+        options: SSHOptions,
+        key: paramiko.PKey,
+        known: dict[str, paramiko.PKey] | None = None,
+    ) -> None:
+        """Refuse (SSHError) a host key that is not the node's; ``known`` as read by
+        :meth:`known` (read here when not given)."""
         name = known_hosts_name(options.host, options.port)
         shown = f"{key.get_name()} {fingerprint(key)}"
         pinned = options.ssh_host_key
@@ -221,7 +229,8 @@ class HostKeyPolicy:
             if not ok:
                 raise SSHError(f"host key of {name} is {shown}, not the pinned ssh_host_key")
             return
-        known = self.known(options)
+        if known is None:
+            known = self.known(options)
         if known:
             if known.get(key.get_name()) == key:
                 return
@@ -357,14 +366,15 @@ class SSHRunner(Runner):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
         try:
-            algorithms = self._policy.algorithms(o)
+            known = {} if o.ssh_host_key else self._policy.known(o)  # one read per connect
+            algorithms = self._policy.algorithms(o, known)
             if algorithms:
                 supported = transport.get_security_options().key_types
                 wanted = [a for a in algorithms if a in supported]
                 if wanted:
                     transport.get_security_options().key_types = wanted
             transport.start_client(timeout=timeout)
-            self._policy.verify(o, transport.get_remote_server_key())
+            self._policy.verify(o, transport.get_remote_server_key(), known)
             key = self._keys.get(o.ssh_private_key_file, o.ssh_key_passphrase_env)
             try:
                 transport.auth_publickey(o.ssh_user, key)
