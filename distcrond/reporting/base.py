@@ -8,6 +8,13 @@ The embedded backend (``sqlite.py``) and the Elasticsearch backend both pass
 * ``list_runs`` is newest slot first, with keyset pagination: ``next_cursor``
   fetched with ``cursor`` continues exactly where the page ended, whatever
   was written in between.
+* ``RunQuery.text`` finds runs whose stdout or stderr contains every word of it
+  (case-insensitive). Elasticsearch analyzes the text into words; SQLite looks for
+  each word as a substring, so it finds a little more (``back`` finds ``backup``).
+* ``write`` raises :class:`~distcrond.coordination.base.StoreUnavailable` when
+  the backend cannot be reached or asks to be retried later (nothing may have been
+  stored: writing the batch again is safe), and :class:`ReportRejected` when it
+  refuses some reports for good (the others were stored).
 """
 
 from __future__ import annotations
@@ -30,12 +37,26 @@ class RunQuery:
     until: datetime | None = None  # slot < until
     limit: int = 50
     cursor: str | None = None
+    text: str | None = None  # words that stdout or stderr contains, all of them
 
 
 @dataclass(frozen=True)
 class RunPage:
     runs: list[RunReport]
     next_cursor: str | None
+
+
+class ReportRejected(Exception):
+    """The backend refused some reports for good (retrying them cannot help).
+
+    ``rejected`` maps each refused run id to the backend's reason; every other
+    report of the batch was stored.
+    """
+
+    def __init__(self, rejected: dict[str, str]) -> None:
+        self.rejected = dict(rejected)
+        sample = "; ".join(f"{k}: {v}" for k, v in list(self.rejected.items())[:3])
+        super().__init__(f"{len(self.rejected)} report(s) refused: {sample}")
 
 
 class ReportStore(ABC):

@@ -56,6 +56,12 @@ def _decode_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError("invalid cursor") from None
 
 
+def _like_pattern(word: str) -> str:
+    """A LIKE pattern (escape character backslash) matching ``word`` anywhere."""
+    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 class SQLiteReportStore(ReportStore):
     """Run reports in SQLite; thread-safe, and safe to open from several processes.
 
@@ -126,6 +132,15 @@ class SQLiteReportStore(ReportStore):
         if query.until is not None:
             where.append("slot_us < ?")
             params.append(to_us(query.until))
+        for word in (query.text or "").split():
+            # A substring of either stream, case-insensitive for ASCII (LIKE); a full scan
+            # of the job's rows: the embedded store is for small installations.
+            pattern = _like_pattern(word)
+            where.append(
+                "(json_extract(data, '$.stdout') LIKE ? ESCAPE '\\' "
+                "OR json_extract(data, '$.stderr') LIKE ? ESCAPE '\\')"
+            )
+            params.extend([pattern, pattern])
         if query.cursor is not None:
             where.append("(slot_us, run_id) < (?, ?)")
             params.extend(_decode_cursor(query.cursor))

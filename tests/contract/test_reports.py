@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -215,3 +216,29 @@ def test_status_is_ok(reports: ReportStore) -> None:
     status = reports.status()
     assert status.ok
     assert status.backend == reports.backend
+
+
+def test_text_finds_runs_whose_output_has_every_word(reports: ReportStore) -> None:
+    runs = {
+        "disk": report("backup", 0, stdout="copied 12 files\nDisk FULL on /srv\n"),
+        "net": replace(report("backup", 1), stderr="rsync: connection refused by host db1\n"),
+        "both": replace(
+            report("report", 2, stdout="disk check passed"), stderr="connection reset\n"
+        ),
+        "quiet": report("report", 3),
+    }
+    reports.write(list(runs.values()))
+
+    def names(text: str, **filters: object) -> list[str]:
+        by_id = {r.run_id: name for name, r in runs.items()}
+        return [by_id[run_id] for run_id in walk(reports, RunQuery(text=text, **filters))]  # type: ignore[arg-type]
+
+    assert names("disk") == ["both", "disk"]
+    assert names("FULL") == ["disk"]  # case-insensitive
+    assert names("full") == ["disk"]
+    assert names("connection") == ["both", "net"]  # stderr too
+    assert names("disk connection") == ["both"]  # every word
+    assert names("refused db1") == ["net"]
+    assert names("disk", job_id="backup") == ["disk"]
+    assert names("nowhere") == []
+    assert names("connection", limit=1) == ["both", "net"]  # pages through matches
