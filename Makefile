@@ -37,13 +37,13 @@ typecheck: venv
 	$(BIN)/mypy
 
 unit: venv
-	$(BIN)/python -m pytest tests -m "not zookeeper" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not zookeeper and not elasticsearch" $(PYTEST_ARGS)
 
 # Everything that starts real processes: integration/, and the contract suites'
-# parameters for the real backends (tests/contract/, marked zookeeper).
+# parameters for the real backends (tests/contract/, marked zookeeper or elasticsearch).
 integration: venv
 	$(BIN)/python -m pytest integration tests/contract --ignore=integration/bench \
-		-m "integration or zookeeper" $(PYTEST_ARGS)
+		-m "integration or zookeeper or elasticsearch" $(PYTEST_ARGS)
 
 ## bench: performance figures against a baseline measured in the same run (prints, never fails):
 ##   the standalone benchmark, the cluster one (its own ZooKeeper on 2381-2383, 3 peers), then
@@ -56,12 +56,15 @@ bench: venv
 		$(BIN)/python -m integration.bench.ssh || status=$$?; \
 	exit $$status
 
-## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package)
+## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package) and a
+##   single-node Elasticsearch on 127.0.0.1:9200 (Maven Central's integ-test-zip, through mvn)
 services: venv
 	$(BIN)/python deploy/services/zookeeper.py start
+	$(BIN)/python deploy/services/elasticsearch.py start
 
 services-stop: venv
-	$(BIN)/python deploy/services/zookeeper.py stop
+	$(BIN)/python deploy/services/elasticsearch.py stop; status=$$?; \
+	$(BIN)/python deploy/services/zookeeper.py stop || status=$$?; exit $$status
 
 ## cluster: three peers on the examples against that ensemble, APIs on 127.0.0.1:8081-8083
 cluster: services

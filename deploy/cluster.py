@@ -42,6 +42,7 @@ def peer_argv(n: int, args: argparse.Namespace) -> list[str]:
         args.zookeeper,
         "--zk-root",
         args.zk_root,
+        *(["--es-url", args.es_url] if args.es_url else []),
     ]
 
 
@@ -51,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-port", type=int, default=8081)
     parser.add_argument("--zookeeper", default="127.0.0.1:2181,127.0.0.1:2182,127.0.0.1:2183")
     parser.add_argument("--zk-root", default="/distcron")
+    parser.add_argument(
+        "--es-url",
+        default="http://127.0.0.1:9200",
+        help="Elasticsearch for the run reports (make services starts it); '' for none",
+    )
     parser.add_argument("--jobs-dir", type=Path, default=REPO / "deploy/examples/jobs.d")
     parser.add_argument("--nodes-dir", type=Path, default=REPO / "deploy/examples/nodes.d")
     parser.add_argument("--dir", type=Path, default=REPO / "var/cluster")

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from distcrond.settings import ZK_AUTH_ENV, Settings
+from distcrond.settings import Settings
 
 log = logging.getLogger("distcrond.api_process")
 
@@ -91,9 +91,8 @@ class APIProcess:
             "--parent-pid",
             str(os.getpid()),
         ]
-        env = dict(os.environ)
-        if self._settings.zk_auth:  # secrets go by the environment, not argv (ps shows argv)
-            env[ZK_AUTH_ENV] = self._settings.zk_auth
+        # Secrets go by the environment, not argv (ps shows argv).
+        env = dict(os.environ) | self._settings.secret_env()
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
 
     def start(self) -> None:

@@ -66,6 +66,19 @@ def _zk_auth(value: str) -> str:
     return value
 
 
+def _es_index_prefix(value: str) -> str:
+    from distcrond.reporting.elasticsearch import check_index_prefix
+
+    try:
+        return check_index_prefix(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _flag_env(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distcrond",
@@ -199,6 +212,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="the original's Elasticsearch port (env DISTCRON_ES_PORT; default 9200)",
     )
     p.add_argument(
+        "--es-index-prefix",
+        type=_es_index_prefix,
+        default=_env("ES_INDEX_PREFIX", "distcron-runs-"),
+        help="reports go to indices named PREFIX + the period of the run's slot "
+        "(env DISTCRON_ES_INDEX_PREFIX; default %(default)s)",
+    )
+    p.add_argument(
+        "--es-index-period",
+        choices=("month", "day"),
+        default=_env("ES_INDEX_PERIOD", "month"),
+        help="one index per month (PREFIX2026.11) or per day (PREFIX2026.11.27) of the run's "
+        "slot; history is dropped by deleting an index (env DISTCRON_ES_INDEX_PERIOD; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--es-username",
+        default=_env("ES_USERNAME"),
+        help="Elasticsearch basic auth user; the password comes from DISTCRON_ES_PASSWORD "
+        "(env DISTCRON_ES_USERNAME)",
+    )
+    p.add_argument(
+        "--es-password",
+        default=_env("ES_PASSWORD"),
+        help="Elasticsearch basic auth password. Prefer the environment (DISTCRON_ES_PASSWORD): "
+        "flags show in ps",
+    )
+    p.add_argument(
+        "--es-api-key",
+        default=_env("ES_API_KEY"),
+        help="Elasticsearch API key (the base64 'id:key' form). Prefer the environment "
+        "(DISTCRON_ES_API_KEY): flags show in ps",
+    )
+    p.add_argument(
+        "--es-ca-certs",
+        default=_env("ES_CA_CERTS"),
+        metavar="PEM_FILE",
+        help="CA bundle to verify an https:// Elasticsearch (env DISTCRON_ES_CA_CERTS)",
+    )
+    p.add_argument(
+        "--es-insecure",
+        action="store_true",
+        default=_flag_env("ES_INSECURE"),
+        help="do not verify Elasticsearch's TLS certificate (env DISTCRON_ES_INSECURE=1)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate the job and node files, print any errors, and exit (1 if any)",
@@ -220,6 +278,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_format=args.log_format,
         log_level=args.log_level,
         es_urls=tuple(es_urls),
+        es_index_prefix=args.es_index_prefix,
+        es_index_period=args.es_index_period,
+        es_username=args.es_username or None,
+        es_password=args.es_password or None,
+        es_api_key=args.es_api_key or None,
+        es_ca_certs=args.es_ca_certs or None,
+        es_verify_certs=not args.es_insecure,
         zookeeper=args.zookeeper or None,
         zk_root=args.zk_root,
         zk_session_timeout=args.zk_session_timeout,
@@ -252,13 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distcrond.coordination.base import StoreUnavailable
     from distcrond.coordination.sqlite import StateDirLocked
     from distcrond.daemon import Daemon
-    from distcrond.stores import UnsupportedBackend
 
     daemon = Daemon(settings)
     daemon.install_signal_handlers()
     try:
         return daemon.run()
-    except (UnsupportedBackend, StateDirLocked, APIStartError, StoreUnavailable) as e:
+    except (StateDirLocked, APIStartError, StoreUnavailable) as e:
         log.error("%s", e)
         return 2
     except OSError as e:

@@ -87,7 +87,7 @@ class Daemon:
             coordination = open_coordination(s)
             stack.callback(coordination.close)
             self._coordination = coordination
-            reports = open_reports(s)
+            reports = open_reports(s, writer=True)
             stack.callback(reports.close)
 
             config = self._registry.reload()

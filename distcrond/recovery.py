@@ -5,7 +5,8 @@ holds it (the peer died, or lost its ZooKeeper session, or restarted). What it
 becomes, in this order:
 
 1. its report is in the report store, terminal: the run ended and the peer died
-   before recording that; the record takes the report's state;
+   before recording that; the record takes the report's state (a report store that
+   cannot be read now counts as no report: see ``settle_abandoned``);
 2. the job is ``at_least_once`` and a live peer can take it: it goes back to
    ``assigned`` on that peer, under the same run id (it runs again);
 3. otherwise ``unknown``: it may or may not have done its work, and it is not
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
-from distcrond.coordination.base import CoordinationStore
+from distcrond.coordination.base import CoordinationStore, StoreUnavailable
 from distcrond.reporting.base import ReportStore
 from distcrond.runs import RunRecord, RunReport, RunState
 
@@ -39,7 +40,15 @@ def settle_abandoned(
     """Settle one abandoned run (see the module's rules); the record after, or None if it
     changed meanwhile (somebody else settled it)."""
     expect = {"state": RunState.RUNNING, "peer_id": record.peer_id}
-    report = reports.get(record.run_id)
+    try:
+        report = reports.get(record.run_id)
+    except StoreUnavailable as e:
+        # Waiting for the report store (Elasticsearch down) would keep the run active, and
+        # a "forbid" job skipping its slots, for the whole outage. Without its report the
+        # run is settled by rules 2 and 3; if the lost peer did write one (it waits in that
+        # peer's spool), it reaches the report store later and tells the real outcome there.
+        log.warning("run %s: its report cannot be read (%s); settled without it", record.run_id, e)
+        report = None
     if report is not None and report.state.terminal:
         settled = coordination.finish_run(
             record.run_id,

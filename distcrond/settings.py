@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 ZK_AUTH_ENV = "DISTCRON_ZK_AUTH"
+ES_PASSWORD_ENV = "DISTCRON_ES_PASSWORD"
+ES_API_KEY_ENV = "DISTCRON_ES_API_KEY"
+# Settings that are secrets: never in to_json (the API process gets that on argv, which ps
+# shows); the daemon hands them to its API process through these environment variables.
+SECRET_ENV = {"zk_auth": ZK_AUTH_ENV, "es_password": ES_PASSWORD_ENV, "es_api_key": ES_API_KEY_ENV}
 
 
 @dataclass(frozen=True)
@@ -21,8 +27,15 @@ class Settings:
     api_workers: int = 2
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
-    # Reports go to Elasticsearch when es_urls is set (a later issue), else to SQLite.
+    # Reports go to Elasticsearch when es_urls is set (through the spool), else to SQLite.
     es_urls: tuple[str, ...] = ()
+    es_index_prefix: str = "distcron-runs-"
+    es_index_period: str = "month"  # month | day: one index per period of the run's slot
+    es_username: str | None = None
+    es_password: str | None = None  # secret
+    es_api_key: str | None = None  # secret
+    es_ca_certs: str | None = None
+    es_verify_certs: bool = True
     # Coordination goes to ZooKeeper when set (cluster mode), else to SQLite.
     zookeeper: str | None = None
     zk_root: str = "/distcron"
@@ -43,6 +56,24 @@ class Settings:
     @property
     def reports_db(self) -> Path:
         return self.state_dir / "reports.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where reports wait for Elasticsearch (see distcrond/reporting/spool.py)."""
+        return self.state_dir / "report-spool"
+
+    def secret_env(self) -> dict[str, str]:
+        """The secrets that are set, as the environment variables that carry them."""
+        return {env: str(getattr(self, f)) for f, env in SECRET_ENV.items() if getattr(self, f)}
+
+    def with_secrets(self, environ: Mapping[str, str]) -> Settings:
+        """These settings with the secrets read from ``environ`` (see :meth:`secret_env`)."""
+        return replace(
+            self,
+            zk_auth=environ.get(ZK_AUTH_ENV) or None,
+            es_password=environ.get(ES_PASSWORD_ENV) or None,
+            es_api_key=environ.get(ES_API_KEY_ENV) or None,
+        )
 
     @property
     def zk_credentials(self) -> tuple[str, str] | None:
@@ -71,6 +102,11 @@ class Settings:
             "log_format": self.log_format,
             "log_level": self.log_level,
             "es_urls": list(self.es_urls),
+            "es_index_prefix": self.es_index_prefix,
+            "es_index_period": self.es_index_period,
+            "es_username": self.es_username,
+            "es_ca_certs": self.es_ca_certs,
+            "es_verify_certs": self.es_verify_certs,
             "zookeeper": self.zookeeper,
             "zk_root": self.zk_root,
             "zk_session_timeout": self.zk_session_timeout,
@@ -91,6 +127,11 @@ class Settings:
             log_format=data.get("log_format", "text"),
             log_level=data.get("log_level", "INFO"),
             es_urls=tuple(data.get("es_urls", ())),
+            es_index_prefix=data.get("es_index_prefix", "distcron-runs-"),
+            es_index_period=data.get("es_index_period", "month"),
+            es_username=data.get("es_username"),
+            es_ca_certs=data.get("es_ca_certs"),
+            es_verify_certs=bool(data.get("es_verify_certs", True)),
             zookeeper=data.get("zookeeper"),
             zk_root=data.get("zk_root", "/distcron"),
             zk_session_timeout=float(data.get("zk_session_timeout", 4.0)),

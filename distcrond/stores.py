@@ -7,10 +7,6 @@ from distcrond.reporting.base import ReportStore
 from distcrond.settings import Settings
 
 
-class UnsupportedBackend(Exception):
-    """The settings ask for a backend this build does not have yet."""
-
-
 def open_coordination(settings: Settings) -> CoordinationStore:
     """ZooKeeper when ``--zookeeper`` is given (StoreUnavailable if it cannot be reached in
     the session timeout), else the embedded SQLite store under ``--state-dir``."""
@@ -29,9 +25,31 @@ def open_coordination(settings: Settings) -> CoordinationStore:
     return SQLiteCoordinationStore(settings.coordination_db)
 
 
-def open_reports(settings: Settings) -> ReportStore:
+def open_reports(settings: Settings, *, writer: bool = False) -> ReportStore:
+    """Elasticsearch when ``--es-url``/``--esHost`` is given, else SQLite under ``--state-dir``.
+
+    The daemon opens it as the ``writer``: its Elasticsearch reports then go through the
+    on-disk spool under ``--state-dir`` (durable at once, delivered in bulk, kept while
+    Elasticsearch is down). The API workers only read, straight from Elasticsearch.
+    """
     if settings.es_urls:
-        raise UnsupportedBackend("Elasticsearch reports (--es-url, --esHost) are not available yet")
+        from distcrond.reporting.elasticsearch import ElasticsearchReportStore
+
+        store: ReportStore = ElasticsearchReportStore(
+            settings.es_urls,
+            index_prefix=settings.es_index_prefix,
+            index_period=settings.es_index_period,
+            username=settings.es_username,
+            password=settings.es_password,
+            api_key=settings.es_api_key,
+            ca_certs=settings.es_ca_certs,
+            verify_certs=settings.es_verify_certs,
+        )
+        if not writer:
+            return store
+        from distcrond.reporting.spool import SpooledReportStore
+
+        return SpooledReportStore(store, settings.spool_dir)
     from distcrond.reporting.sqlite import SQLiteReportStore
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,6 @@ would. Jobs prove where and when they ran by appending a line to a ledger
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 
 import requests
 
-from integration.peers import Peer, descendants, ledger_lines, pid_alive, wait_for
+from integration.peers import Peer, ledger_lines, wait_for
 
 
 def ledger_job(ledger: Path, every: str = "1s", **fields: Any) -> dict[str, Any]:
@@ -119,14 +116,7 @@ class Cluster:
 
     def kill9(self, peer: Peer) -> None:
         """SIGKILL the daemon and everything it started (a crashed host takes its runs too)."""
-        assert peer.proc is not None
-        family = descendants(peer.proc.pid)
-        peer.proc.send_signal(signal.SIGKILL)
-        for pid in family:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        peer.proc.wait(10)
-        wait_for(lambda: not any(pid_alive(pid) for pid in family), 10, f"{peer.peer_id} to die")
+        peer.kill9()
 
     def stop(self) -> None:
         for peer in self.peers:

@@ -176,6 +176,17 @@ class Peer:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def kill9(self) -> None:
+        """SIGKILL the daemon and everything it started (a crashed host takes its runs too)."""
+        assert self.proc is not None
+        family = descendants(self.proc.pid)
+        self.proc.send_signal(signal.SIGKILL)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        wait_for(lambda: not any(pid_alive(pid) for pid in family), 10, f"{self.peer_id} to die")
+
     def kill(self) -> None:
         """Stop everything this peer started, whatever state it is in (fixture teardown)."""
         if self.proc is None:

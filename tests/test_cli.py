@@ -82,26 +82,6 @@ def test_check_reports_bad_files_and_fails(
     assert "bad.json: schedule.every:" in out
 
 
-def test_unsupported_backend_is_a_clear_startup_error(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    code = main(
-        [
-            "--state-dir",
-            str(tmp_path),
-            "--jobs-dir",
-            str(tmp_path),
-            "--nodes-dir",
-            str(tmp_path),
-            "--esHost",
-            "localhost",
-            "--bind",
-            "127.0.0.1:1",
-        ]
-    )
-    assert code == 2
-
-
 def test_json_logs_are_one_object_per_line_with_extra_fields(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -128,3 +108,46 @@ def test_the_zookeeper_password_is_never_in_the_settings_passed_on_argv() -> Non
     s = settings("--zookeeper", "zk:2181", "--zk-auth", "ops:secret")
     assert "secret" not in json.dumps(s.to_json())
     assert type(s).from_json(s.to_json()).zk_auth is None
+
+
+def test_elasticsearch_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTCRON_ES_URL", "http://es1:9200,http://es2:9200")
+    monkeypatch.setenv("DISTCRON_ES_INDEX_PERIOD", "day")
+    monkeypatch.setenv("DISTCRON_ES_INSECURE", "1")
+    s = settings("--es-index-prefix", "ops-runs-", "--es-username", "distcron")
+    assert s.es_urls == ("http://es1:9200", "http://es2:9200")
+    assert (s.es_index_prefix, s.es_index_period) == ("ops-runs-", "day")
+    assert s.es_username == "distcron" and s.es_verify_certs is False
+    restored = type(s).from_json(json.loads(json.dumps(s.to_json())))
+    assert restored.es_urls == s.es_urls and restored.es_index_period == "day"
+    assert restored.es_verify_certs is False and restored.es_username == "distcron"
+
+
+@pytest.mark.parametrize("prefix", ["Runs-", "-runs", "runs*", "my runs", "a,b", ""])
+def test_a_bad_index_prefix_is_refused_with_the_reason(
+    prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        settings("--es-index-prefix", prefix)
+    assert "--es-index-prefix" in capsys.readouterr().err
+
+
+def test_secrets_are_never_in_the_settings_passed_on_argv_but_reach_the_api_by_env() -> None:
+    s = settings(
+        "--zk-auth", "ops:zk-secret", "--es-password", "es-secret", "--es-api-key", "key-secret"
+    )
+    passed_on = type(s).from_json(s.to_json())
+    assert "secret" not in json.dumps(s.to_json())
+    assert (passed_on.zk_auth, passed_on.es_password, passed_on.es_api_key) == (None, None, None)
+    env = s.secret_env()
+    assert env == {
+        "DISTCRON_ZK_AUTH": "ops:zk-secret",
+        "DISTCRON_ES_PASSWORD": "es-secret",
+        "DISTCRON_ES_API_KEY": "key-secret",
+    }
+    restored = passed_on.with_secrets(env)
+    assert (restored.zk_auth, restored.es_password, restored.es_api_key) == (
+        "ops:zk-secret",
+        "es-secret",
+        "key-secret",
+    )

@@ -9,11 +9,13 @@ unavailable, and 500 for anything unexpected, logged with its traceback.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import falcon
 
 from distcrond.api import resources
+from distcrond.api.metrics import Metrics
 from distcrond.api.resources import API_PREFIX, APIContext
 from distcrond.clock import Clock
 from distcrond.coordination.base import CoordinationStore, StoreUnavailable
@@ -28,10 +30,12 @@ ROUTES: tuple[tuple[str, type[Any]], ...] = (
     (f"{API_PREFIX}/jobs", resources.Jobs),
     (f"{API_PREFIX}/jobs/{{job_id}}", resources.Job),
     (f"{API_PREFIX}/jobs/{{job_id}}/runs", resources.JobRuns),
+    (f"{API_PREFIX}/runs", resources.Runs),
     (f"{API_PREFIX}/runs/{{run_id}}", resources.Run),
     (f"{API_PREFIX}/nodes", resources.Nodes),
     (f"{API_PREFIX}/config/errors", resources.ConfigErrors),
     (f"{API_PREFIX}/openapi.json", resources.OpenAPI),
+    ("/metrics", Metrics),
 )
 
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -47,9 +51,11 @@ def create_app(
     reports: ReportStore,
     peer_id: str,
     clock: Clock | None = None,
+    spool_dir: Path | None = None,
 ) -> falcon.App:
-    """The API over the given stores, answering as peer ``peer_id``."""
-    ctx = APIContext(coordination, reports, peer_id, clock or Clock())
+    """The API over the given stores, answering as peer ``peer_id`` (whose report spool,
+    if its reports go to Elasticsearch, is ``spool_dir``)."""
+    ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir)
     app = falcon.App(media_type=falcon.MEDIA_JSON)
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in ROUTES:

@@ -38,10 +38,17 @@ def nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def obj(properties: dict[str, Schema], *, extra: bool = False, description: str = "") -> Schema:
+def obj(
+    properties: dict[str, Schema],
+    *,
+    extra: bool = False,
+    description: str = "",
+    optional: dict[str, Schema] | None = None,
+) -> Schema:
+    """An object with exactly ``properties`` (all required) and the ``optional`` ones."""
     out: Schema = {
         "type": "object",
-        "properties": properties,
+        "properties": properties | (optional or {}),
         "required": list(properties),
         "additionalProperties": extra,
     }
@@ -143,6 +150,33 @@ def _schemas() -> dict[str, Schema]:
                     "stores": obj(
                         {"coordination": ref("StoreStatus"), "reports": ref("StoreStatus")}
                     ),
+                },
+                optional={
+                    "report_spool": ref("SpoolStats")
+                    | {"description": "Only when reports go to Elasticsearch: what waits for it."}
+                },
+            ),
+            "SpoolStats": obj(
+                {
+                    "reports": INTEGER | {"description": "Reports not yet accepted."},
+                    "bytes": INTEGER,
+                    "oldest_age_s": nullable({"type": "number"})
+                    | {"description": "Seconds since the oldest waiting report was spooled."},
+                    "dead_letters": INTEGER
+                    | {"description": "Reports refused for good, kept in dead-letters.ndjson."},
+                    "last_error": STRING
+                    | {"description": "The last delivery error; empty once one works."},
+                }
+            ),
+            "RunSearch": obj(
+                {
+                    "runs": {
+                        "type": "array",
+                        "items": ref("Run"),
+                        "description": "Finished runs, newest slot first.",
+                    },
+                    "next_cursor": nullable(STRING)
+                    | {"description": "Pass as `cursor` for the next page; null on the last."},
                 }
             ),
             "Leader": obj({"peer_id": STRING, "epoch": INTEGER, "since": TIMESTAMP}),
@@ -331,6 +365,31 @@ def _param(name: str, where: str, schema: Schema, description: str) -> dict[str,
 
 
 JOB_ID = _param("job_id", "path", STRING, "The job's id: its file name without .json.")
+RUN_FILTERS = [
+    _param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
+        "Finished runs per page.",
+    ),
+    _param("cursor", "query", STRING, "`next_cursor` of the previous page."),
+    _param(
+        "state",
+        "query",
+        array({"type": "string", "enum": ALL_STATES}),
+        "Only runs in these states (comma-separated).",
+    )
+    | {"style": "form", "explode": False},
+    _param("node", "query", STRING, "Only runs on this node."),
+    _param("since", "query", TIMESTAMP, "Only slots at or after this instant."),
+    _param("until", "query", TIMESTAMP, "Only slots before this instant."),
+    _param(
+        "q",
+        "query",
+        STRING,
+        "Only runs whose stdout or stderr contains every word of this (case-insensitive).",
+    ),
+]
 RUN_ID = _param(
     "run_id",
     "path",
@@ -390,26 +449,7 @@ def _paths() -> dict[str, Any]:
                 "description": "Keyset pagination: pass `next_cursor` back as `cursor` with the "
                 "same filters. History of a job no longer loaded is still served.",
                 "tags": ["runs"],
-                "parameters": [
-                    JOB_ID,
-                    _param(
-                        "limit",
-                        "query",
-                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50},
-                        "Finished runs per page.",
-                    ),
-                    _param("cursor", "query", STRING, "`next_cursor` of the previous page."),
-                    _param(
-                        "state",
-                        "query",
-                        array({"type": "string", "enum": ALL_STATES}),
-                        "Only runs in these states (comma-separated).",
-                    )
-                    | {"style": "form", "explode": False},
-                    _param("node", "query", STRING, "Only runs on this node."),
-                    _param("since", "query", TIMESTAMP, "Only slots at or after this instant."),
-                    _param("until", "query", TIMESTAMP, "Only slots before this instant."),
-                ],
+                "parameters": [JOB_ID, *RUN_FILTERS],
                 "responses": {**_ok("One page of runs.", "RunList"), **_errors("400", "404")},
             },
             "post": {
@@ -439,6 +479,20 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/api/v1/runs": {
+            "get": {
+                "operationId": "searchRuns",
+                "summary": "Finished runs of every job, newest first; `q` searches their output",
+                "description": "The report store's history across jobs, with the filters of a "
+                "job's runs plus `job`. Keyset pagination as there.",
+                "tags": ["runs"],
+                "parameters": [
+                    _param("job", "query", STRING, "Only this job's runs."),
+                    *RUN_FILTERS,
+                ],
+                "responses": {**_ok("One page of runs.", "RunSearch"), **_errors("400")},
+            }
+        },
         "/api/v1/runs/{run_id}": {
             "get": {
                 "operationId": "getRun",
@@ -465,6 +519,22 @@ def _paths() -> dict[str, Any]:
                 "summary": "Job and node files that failed to load",
                 "tags": ["config"],
                 "responses": {**_ok("The errors.", "ConfigErrors"), **_errors()},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "getMetrics",
+                "summary": "This peer's figures for Prometheus",
+                "description": "Gauges read at scrape time: store up, leader, active runs and, "
+                "with Elasticsearch reports, the report spool's size, age and dead letters.",
+                "tags": ["meta"],
+                "responses": {
+                    "200": {
+                        "description": "The Prometheus text exposition format.",
+                        "content": {"text/plain": {"schema": STRING}},
+                    },
+                    **_errors(),
+                },
             }
         },
         "/api/v1/openapi.json": {

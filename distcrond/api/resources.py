@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import falcon
@@ -31,7 +32,8 @@ from distcrond.coordination.base import (
     StoreUnavailable,
     TriggerRequest,
 )
-from distcrond.reporting.base import ReportStore, RunQuery
+from distcrond.reporting.base import ReportStore, RunPage, RunQuery
+from distcrond.reporting.spool import SpoolStats, read_spool_stats
 from distcrond.runs import (
     ACTIVE_STATES,
     RunRecord,
@@ -61,6 +63,11 @@ class APIContext:
     reports: ReportStore
     peer_id: str
     clock: Clock
+    # The daemon's report spool (Elasticsearch reports wait there), None with SQLite reports.
+    spool_dir: Path | None = None
+
+    def spool(self) -> SpoolStats | None:
+        return read_spool_stats(self.spool_dir) if self.spool_dir is not None else None
 
     def leader(self) -> LeaderInfo | None:
         return self.coordination.leader()
@@ -142,7 +149,7 @@ def _active_records(ctx: APIContext, job_id: str | None = None) -> list[RunRecor
     return sorted(records, key=lambda r: (r.slot, r.run_id), reverse=True)
 
 
-def _store_status(store: CoordinationStore | ReportStore) -> StoreStatus:
+def store_status(store: CoordinationStore | ReportStore) -> StoreStatus:
     try:
         return store.status()
     except Exception as exc:  # a health check reports a failing store, it does not fail
@@ -174,6 +181,31 @@ def _states_param(req: falcon.Request) -> tuple[RunState, ...]:
         ) from None
 
 
+def _run_query(req: falcon.Request, job_id: str | None) -> RunQuery:
+    """The filters and page of a runs listing, from the query string (400 when bad)."""
+    return RunQuery(
+        job_id=job_id,
+        states=_states_param(req),
+        node_id=req.get_param("node") or None,
+        since=_timestamp_param(req, "since"),
+        until=_timestamp_param(req, "until"),
+        limit=req.get_param_as_int(
+            "limit", min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT
+        ),
+        cursor=req.get_param("cursor") or None,
+        text=(req.get_param("q") or "").strip() or None,
+    )
+
+
+def _list_runs(ctx: APIContext, query: RunQuery) -> RunPage:
+    try:
+        return ctx.reports.list_runs(query)
+    except ValueError as exc:  # the store's word for a cursor it did not issue
+        raise falcon.HTTPInvalidParam(
+            str(exc) or "is not a cursor of this query", "cursor"
+        ) from None
+
+
 # -- resources ------------------------------------------------------------------
 
 
@@ -184,8 +216,8 @@ class Health:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        coordination = _store_status(self.ctx.coordination)
-        reports = _store_status(self.ctx.reports)
+        coordination = store_status(self.ctx.coordination)
+        reports = store_status(self.ctx.reports)
         leader: LeaderInfo | None = None
         if coordination.ok:
             try:
@@ -203,6 +235,9 @@ class Health:
             "version": distcrond.__version__,
             "stores": {"coordination": coordination.to_json(), "reports": reports.to_json()},
         }
+        spool = self.ctx.spool()
+        if spool is not None:
+            resp.media["report_spool"] = spool.to_json()
 
 
 class Cluster:
@@ -300,41 +335,25 @@ class JobRuns:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        limit = req.get_param_as_int(
-            "limit", min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT
-        )
-        cursor = req.get_param("cursor") or None
-        states = _states_param(req)
-        node_id = req.get_param("node") or None
-        since = _timestamp_param(req, "since")
-        until = _timestamp_param(req, "until")
-        query = RunQuery(
-            job_id=job_id,
-            states=states,
-            node_id=node_id,
-            since=since,
-            until=until,
-            limit=limit,
-            cursor=cursor,
-        )
-        try:
-            page = self.ctx.reports.list_runs(query)
-        except ValueError as exc:  # the store's word for a cursor it did not issue
-            raise falcon.HTTPInvalidParam(
-                str(exc) or "is not a cursor of this query", "cursor"
-            ) from None
-
+        query = _run_query(req, job_id)
+        page = _list_runs(self.ctx, query)
         active: list[RunRecord] = []
-        if cursor is None:
+        if query.cursor is None and query.text is None:  # active runs have no output yet
             active = [
                 r
                 for r in _active_records(self.ctx, job_id)
-                if (not states or r.state in states)
-                and (node_id is None or r.node_id == node_id)
-                and (since is None or r.slot >= since)
-                and (until is None or r.slot < until)
+                if (not query.states or r.state in query.states)
+                and (query.node_id is None or r.node_id == query.node_id)
+                and (query.since is None or r.slot >= query.since)
+                and (query.until is None or r.slot < query.until)
             ]
-        if not page.runs and not active and cursor is None and job_id not in self.ctx.jobs():
+        if (
+            not page.runs
+            and not active
+            and query.cursor is None
+            and query.text is None
+            and job_id not in self.ctx.jobs()
+        ):
             # History of a job that is no longer loaded is still served; a name never seen is not.
             raise falcon.HTTPNotFound(
                 title="Unknown job", description=f"No job {job_id!r} is loaded or has runs."
@@ -374,6 +393,18 @@ class JobRuns:
             "slot": format_slot(now),
             "status_url": status_url,
         }
+
+
+class Runs:
+    """Finished runs of every job, newest first: filters, and ``q`` to search their output."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        query = _run_query(req, req.get_param("job") or None)
+        page = _list_runs(self.ctx, query)
+        resp.media = {"runs": [r.to_json() for r in page.runs], "next_cursor": page.next_cursor}
 
 
 class Run:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import dataclasses
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from distcrond.api.app import create_app
 from distcrond.coordination.base import CoordinationStore
 from distcrond.logs import configure_logging, logging_config
 from distcrond.reporting.base import ReportStore
-from distcrond.settings import ZK_AUTH_ENV, Settings
+from distcrond.settings import Settings
 from distcrond.stores import open_coordination, open_reports
 
 # Not __name__: under "python -m" that is "__main__".
@@ -81,7 +80,8 @@ class APIServer(BaseApplication):
         coordination = open_coordination(self.settings)
         reports = open_reports(self.settings)
         self._stores = [coordination, reports]
-        return create_app(coordination, reports, self.settings.peer_id)
+        spool_dir = self.settings.spool_dir if self.settings.es_urls else None
+        return create_app(coordination, reports, self.settings.peer_id, spool_dir=spool_dir)
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         for store in self._stores:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"distcrond API: parent {args.parent_pid} is gone; exiting\n")
         sys.exit(1)
     settings = Settings.from_json(json.loads(args.settings))
-    settings = dataclasses.replace(settings, zk_auth=os.environ.get(ZK_AUTH_ENV) or None)
+    settings = settings.with_secrets(os.environ)
     configure_logging(settings.log_format, settings.log_level)
     log.info("serving the API on %s with %d workers", settings.bind, settings.api_workers)
     APIServer(settings).run()

@@ -19,6 +19,8 @@ The embedded backend (``sqlite.py``) and the Elasticsearch backend both pass
 
 from __future__ import annotations
 
+import base64
+import binascii
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +46,26 @@ class RunQuery:
 class RunPage:
     runs: list[RunReport]
     next_cursor: str | None
+
+
+def encode_cursor(slot_us: int, run_id: str) -> str:
+    """The opaque ``next_cursor`` of a page that ended at the run ``(slot_us, run_id)``."""
+    return base64.urlsafe_b64encode(f"{slot_us}|{run_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """``(slot_us, run_id)`` of a cursor made by :func:`encode_cursor`.
+
+    ValueError("invalid cursor") when it is not one.
+    """
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode("ascii")).decode()
+        slot_text, sep, run_id = text.partition("|")
+        if not sep or not run_id:
+            raise ValueError(cursor)
+        return int(slot_text), run_id
+    except (ValueError, binascii.Error, UnicodeError):
+        raise ValueError("invalid cursor") from None
 
 
 class ReportRejected(Exception):

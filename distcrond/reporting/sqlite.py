@@ -8,15 +8,19 @@ same at row one or row one million.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from distcrond.coordination.base import StoreStatus, StoreUnavailable
-from distcrond.reporting.base import ReportStore, RunPage, RunQuery
+from distcrond.reporting.base import (
+    ReportStore,
+    RunPage,
+    RunQuery,
+    decode_cursor,
+    encode_cursor,
+)
 from distcrond.runs import RunReport, RunState
 from distcrond.sqlitedb import SQLiteDatabase, to_us
 
@@ -39,21 +43,6 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS reports_node_slot ON reports (node_id, slot_us DESC, run_id DESC)",
     "CREATE INDEX IF NOT EXISTS reports_state_slot ON reports (state, slot_us DESC, run_id DESC)",
 )
-
-
-def _encode_cursor(slot_us: int, run_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{slot_us}|{run_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[int, str]:
-    try:
-        text = base64.urlsafe_b64decode(cursor.encode("ascii")).decode()
-        slot_text, sep, run_id = text.partition("|")
-        if not sep or not run_id:
-            raise ValueError(cursor)
-        return int(slot_text), run_id
-    except (ValueError, binascii.Error, UnicodeError):
-        raise ValueError("invalid cursor") from None
 
 
 def _like_pattern(word: str) -> str:
@@ -143,7 +132,7 @@ class SQLiteReportStore(ReportStore):
             params.extend([pattern, pattern])
         if query.cursor is not None:
             where.append("(slot_us, run_id) < (?, ?)")
-            params.extend(_decode_cursor(query.cursor))
+            params.extend(decode_cursor(query.cursor))
         sql = "SELECT slot_us, run_id, data FROM reports"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -152,7 +141,7 @@ class SQLiteReportStore(ReportStore):
         with self._db.connection() as conn:
             rows = conn.execute(sql, params).fetchall()
         page = rows[:limit]
-        next_cursor = _encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
+        next_cursor = encode_cursor(page[-1][0], page[-1][1]) if len(rows) > limit else None
         return RunPage(
             runs=[RunReport.from_json(json.loads(data)) for _, _, data in page],
             next_cursor=next_cursor,

@@ -64,12 +64,41 @@ def coordination(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Coo
         store.close()
 
 
-@pytest.fixture(params=[pytest.param("sqlite", id="sqlite")])
+def _elasticsearch_reports(request: pytest.FixtureRequest) -> ReportStore:
+    from distcrond.reporting.elasticsearch import ElasticsearchReportStore
+
+    # es_index_prefix (through es_url) deletes the indices of earlier tests; the prefix
+    # is this test's own. refresh=True: a write is searchable when it returns, at once
+    # ("wait_for" would wait for the next scheduled refresh, up to a second per write).
+    url: str = request.getfixturevalue("es_url")
+    prefix: str = request.getfixturevalue("es_index_prefix")
+    return ElasticsearchReportStore([url], index_prefix=prefix, refresh=True)
+
+
+def _drop_es_template(store: ReportStore) -> None:
+    """Delete the index template the store installed (the test server keeps templates)."""
+    from deploy.services.elasticsearch import http_json
+    from distcrond.reporting.elasticsearch import ElasticsearchReportStore
+
+    assert isinstance(store, ElasticsearchReportStore)
+    http_json(f"{store.urls[0]}/_index_template/{store.template_name}", method="DELETE")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("elasticsearch", id="elasticsearch", marks=pytest.mark.elasticsearch),
+    ]
+)
 def reports(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ReportStore]:
     """A fresh, empty report store."""
-    builders = {"sqlite": _sqlite_reports}
-    store = builders[request.param](tmp_path)
+    if request.param == "elasticsearch":
+        store = _elasticsearch_reports(request)
+    else:
+        store = _sqlite_reports(tmp_path)
     try:
         yield store
     finally:
         store.close()
+        if request.param == "elasticsearch":
+            _drop_es_template(store)
