@@ -736,3 +736,115 @@ def test_unexpected_error_is_500_json_and_logged(
     assert_error(result, falcon.HTTP_500)
     [entry] = [r for r in caplog.records if r.name.startswith("distcrond.api")]
     assert entry.exc_info is not None and entry.exc_info[0] is KeyError
+
+
+# -- /api/v1/runs search, the report spool in health, /metrics ----------------------------
+
+
+def test_runs_search_finds_output_words_across_jobs_with_filters(
+    client: TestClient, reports: SQLiteReportStore
+) -> None:
+    disk = report("backup", SLOT, stdout="Disk full on /srv\n")
+    net = report("sync", SLOT + timedelta(minutes=1), stderr="connection refused\n")
+    both = report(
+        "sync",
+        SLOT + timedelta(minutes=2),
+        state=RunState.FAILED,
+        stdout="disk ok",
+        stderr="connection reset",
+    )
+    reports.write([disk, net, both])
+
+    def ids(**params: str) -> list[str]:
+        result = client.simulate_get("/api/v1/runs", params=params)
+        assert result.status == falcon.HTTP_200, result.text
+        return [r["run_id"] for r in result.json["runs"]]
+
+    assert ids() == [both.run_id, net.run_id, disk.run_id]
+    assert ids(q="disk") == [both.run_id, disk.run_id]
+    assert ids(q="disk connection") == [both.run_id]
+    assert ids(q="connection", job="sync", state="failed") == [both.run_id]
+    assert ids(q="nowhere") == []
+    first = client.simulate_get("/api/v1/runs", params={"q": "connection", "limit": "1"}).json
+    second = client.simulate_get(
+        "/api/v1/runs", params={"q": "connection", "limit": "1", "cursor": first["next_cursor"]}
+    ).json
+    assert [r["run_id"] for r in first["runs"] + second["runs"]] == [both.run_id, net.run_id]
+    assert second["next_cursor"] is None
+
+
+def test_runs_search_rejects_bad_parameters_by_name(client: TestClient) -> None:
+    for params, name in (({"state": "nope"}, "state"), ({"cursor": "!!"}, "cursor")):
+        error = assert_error(client.simulate_get("/api/v1/runs", params=params), falcon.HTTP_400)
+        assert name in error["description"] or name in error["title"]
+
+
+def spool_with_waiting_reports(tmp_path: Path, clock: FakeClock) -> Path:
+    """A spool directory holding two undelivered reports (its inner store is down)."""
+    from distcrond.reporting.spool import SpooledReportStore
+
+    class Down(SQLiteReportStore):
+        def write(self, reports: Any) -> None:
+            raise StoreUnavailable("elasticsearch: connection refused")
+
+    directory = tmp_path / "report-spool"
+    spool = SpooledReportStore(Down(tmp_path / "down.sqlite3"), directory, clock=clock)
+    spool.write([report("backup", SLOT)])
+    spool.write([report("backup", SLOT + timedelta(minutes=5))])
+    spool.close()
+    return directory
+
+
+def test_health_shows_the_report_spool_when_reports_go_through_one(
+    tmp_path: Path,
+    coordination: SQLiteCoordinationStore,
+    reports: SQLiteReportStore,
+    clock: FakeClock,
+) -> None:
+    directory = spool_with_waiting_reports(tmp_path, clock)
+    app = create_app(coordination, reports, "peer-a", clock, spool_dir=directory)
+
+    body = TestClient(app).simulate_get("/api/v1/health").json
+
+    assert body["report_spool"]["reports"] == 2
+    assert body["report_spool"]["bytes"] > 0
+    assert body["report_spool"]["dead_letters"] == 0
+    assert "connection refused" in body["report_spool"]["last_error"]
+
+
+def test_health_has_no_spool_without_one(client: TestClient) -> None:
+    assert "report_spool" not in client.simulate_get("/api/v1/health").json
+
+
+def test_metrics_are_prometheus_text_with_the_spool_gauges(
+    tmp_path: Path,
+    coordination: SQLiteCoordinationStore,
+    reports: SQLiteReportStore,
+    clock: FakeClock,
+    leader: SQLiteCoordinationStore,
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    directory = spool_with_waiting_reports(tmp_path, clock)
+    app = create_app(coordination, reports, "peer-a", clock, spool_dir=directory)
+
+    result = TestClient(app).simulate_get("/metrics")
+
+    assert result.status == falcon.HTTP_200
+    assert result.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(result.text)
+        for s in family.samples
+    }
+    assert samples[("distcron_report_spool_reports", ())] == 2
+    assert samples[("distcron_report_spool_dead_letters", ())] == 0
+    assert samples[("distcron_report_spool_bytes", ())] > 0
+    assert samples[("distcron_is_leader", ())] == 1
+    assert samples[("distcron_store_up", (("backend", "sqlite"), ("store", "reports")))] == 1
+    assert samples[("distcron_active_runs", ())] == 0
+
+
+def test_metrics_without_a_spool_have_no_spool_gauges(client: TestClient) -> None:
+    text = client.simulate_get("/metrics").text
+    assert "distcron_store_up" in text and "distcron_report_spool" not in text
