@@ -47,13 +47,15 @@ integration: venv
 
 ## bench: performance figures against a baseline measured in the same run (prints, never fails):
 ##   the standalone benchmark, the cluster one (its own ZooKeeper on 2381-2383, 3 peers), then
-##   the SSH one (its own sshd on 127.0.0.5:2522)
+##   the SSH one (its own sshd on 127.0.0.5:2522), then the Elasticsearch one (its own node on 9450)
 bench: venv
 	$(BIN)/python -m integration.bench.standalone; status=$$?; \
 	BENCH_OUT=$${BENCH_OUT:+$${BENCH_OUT%.json}-cluster.json} \
 		$(BIN)/python -m integration.bench.cluster || status=$$?; \
 	BENCH_OUT=$${BENCH_OUT:+$${BENCH_OUT%.json}-ssh.json} \
 		$(BIN)/python -m integration.bench.ssh || status=$$?; \
+	BENCH_OUT=$${BENCH_OUT:+$${BENCH_OUT%.json}-es.json} \
+		$(BIN)/python -m integration.bench.es || status=$$?; \
 	exit $$status
 
 ## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package) and a

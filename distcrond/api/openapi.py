@@ -61,6 +61,14 @@ def array(items: Schema) -> Schema:
     return {"type": "array", "items": items}
 
 
+# A page of finished runs: what a job's runs and a search share.
+_PAGE_OF_RUNS: dict[str, Schema] = {
+    "runs": array(ref("Run")) | {"description": "Finished runs, newest slot first."},
+    "next_cursor": nullable({"type": "string"})
+    | {"description": "Pass as `cursor` for the next page; null on the last."},
+}
+
+
 STRING: Schema = {"type": "string"}
 INTEGER: Schema = {"type": "integer"}
 BOOLEAN: Schema = {"type": "boolean"}
@@ -170,13 +178,7 @@ def _schemas() -> dict[str, Schema]:
             ),
             "RunSearch": obj(
                 {
-                    "runs": {
-                        "type": "array",
-                        "items": ref("Run"),
-                        "description": "Finished runs, newest slot first.",
-                    },
-                    "next_cursor": nullable(STRING)
-                    | {"description": "Pass as `cursor` for the next page; null on the last."},
+                    **_PAGE_OF_RUNS,
                 }
             ),
             "Leader": obj({"peer_id": STRING, "epoch": INTEGER, "since": TIMESTAMP}),
@@ -250,13 +252,7 @@ def _schemas() -> dict[str, Schema]:
                         "items": ref("RunRecord"),
                         "description": "Assigned and running runs; on the first page only.",
                     },
-                    "runs": {
-                        "type": "array",
-                        "items": ref("Run"),
-                        "description": "Finished runs, newest slot first.",
-                    },
-                    "next_cursor": nullable(STRING)
-                    | {"description": "Pass as `cursor` for the next page; null on the last."},
+                    **_PAGE_OF_RUNS,
                 }
             ),
             "TriggerBody": {

@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("ingest", "query"))
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="distcrond-es-bench-"))
+    workdir.chmod(0o755)  # the node runs as the unprivileged distcron-es user
     node = ElasticsearchNode(workdir / "es", port=PORT, dist_dir=DEFAULT_DIST_DIR)
     figures: dict[str, Any] = {}
     print(
