@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -310,11 +310,13 @@ class SuspendedCoordination(SQLiteCoordinationStore):
 
     refusals = 0
 
-    def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
-        if self.refusals > 0:
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        if self.refusals > 0:  # (claim_run claims through claim_runs)
             self.refusals -= 1
             raise StoreUnavailable("ZooKeeper session is SUSPENDED: not claiming")
-        return super().claim_run(run_id, peer_id, started_at)
+        return super().claim_runs(run_ids, peer_id, started_at)
 
 
 def test_a_run_delivered_while_claims_are_refused_starts_once_they_are_accepted(
@@ -336,3 +338,22 @@ def test_a_run_delivered_while_claims_are_refused_starts_once_they_are_accepted(
     assert suspended.refusals == 0
     h.executor.stop(grace=1)
     suspended.close()
+
+
+def test_a_run_assigned_before_its_slot_is_claimed_and_started_at_its_instant(
+    h: Harness, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    h.job("early", shell=True, command=f"date +%s.%N > {started}")
+    h.executor.start()
+    slot = datetime.now(UTC) + timedelta(seconds=0.5)
+    record = h.assign("early", slot=slot)
+
+    waiting = h.coordination.get_run(record.run_id)
+    if datetime.now(UTC) < slot:  # looked at before the slot: not claimed yet
+        assert waiting is not None and waiting.state is RunState.ASSIGNED
+
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.SUCCEEDED
+    assert report.started_at is not None and report.started_at >= slot
+    assert float(started.read_text()) >= slot.timestamp()

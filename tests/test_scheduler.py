@@ -18,7 +18,7 @@ from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
-from distcrond.scheduling.scheduler import Scheduler
+from distcrond.scheduling.scheduler import LOOKAHEAD, Scheduler
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -471,3 +471,46 @@ def test_run_once_catch_up_run_still_blocks_a_forbid_slot(h: Harness) -> None:
     h.at(7)
     (next_slot,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=7)]
     assert next_slot.state is RunState.SKIPPED
+
+
+def test_a_slot_is_recorded_within_the_lookahead_before_it_is_due(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    lead = LOOKAHEAD.total_seconds()
+    h.at(1.0 - lead - 0.001)
+    assert h.records() == []
+    h.at(1.0 - lead)  # the pass, the write and the claim happen before the slot
+    (run,) = h.records()
+    assert (run.slot, run.state) == (T0 + timedelta(seconds=1), RunState.ASSIGNED)
+    assert run.created_at == T0 + timedelta(seconds=1) - LOOKAHEAD
+
+
+def test_a_slot_whose_previous_run_is_active_is_decided_at_its_instant(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    lead = LOOKAHEAD.total_seconds()
+    h.at(1.0)
+    (first,) = h.records()
+    h.at(2.0 - lead / 2)  # slot 2 is inside the lookahead, but run 1 is still assigned
+    assert h.records() == [first]
+    h.coordination.claim_run(first.run_id, "p1", T0 + timedelta(seconds=1))
+    h.coordination.finish_run(
+        first.run_id, RunState.SUCCEEDED, ended_at=T0 + timedelta(seconds=2) - LOOKAHEAD / 4
+    )
+    h.at(2.0)  # run 1 ended before slot 2: slot 2 runs, instead of being skipped early
+    states = {r.run_id: r.state for r in h.records()}
+    assert states[run_id_for("tick", T0 + timedelta(seconds=2))] is RunState.ASSIGNED
+
+
+def test_a_held_slot_is_skipped_at_its_instant_when_the_run_is_still_active(h: Harness) -> None:
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    h.at(1.0)
+    h.at(2.0 - LOOKAHEAD.total_seconds() / 2)
+    h.at(2.0)
+    skipped = [r for r in h.records() if r.state is RunState.SKIPPED]
+    assert [r.slot for r in skipped] == [T0 + timedelta(seconds=2)]
+    assert skipped[0].created_at == T0 + timedelta(seconds=2)

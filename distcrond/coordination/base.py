@@ -301,6 +301,21 @@ class CoordinationStore(ABC):
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
 
+    # True when claim_runs claims many runs in one write (the executor then batches the
+    # claims of runs due together); the default claims one after the other.
+    claims_in_batches: bool = False
+
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        """:meth:`claim_run` for each run id: the ones claimed, by id."""
+        claimed: dict[str, RunRecord] = {}
+        for run_id in run_ids:
+            record = self.claim_run(run_id, peer_id, started_at)
+            if record is not None:
+                claimed[run_id] = record
+        return claimed
+
     @abstractmethod
     def update_run(
         self, run_id: str, *, expect: Mapping[str, Any] | None = None, **changes: Any

@@ -486,14 +486,31 @@ class SQLiteCoordinationStore(CoordinationStore):
 
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """assigned -> running, if assigned to ``peer_id``; the updated record, else None."""
+        return self.claim_runs([run_id], peer_id, started_at).get(run_id)
 
-        def change(record: RunRecord) -> RunRecord | None:
-            if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
-                return None
-            return record.replace(state=RunState.RUNNING, started_at=started_at)
+    claims_in_batches = True
 
-        record, _ = self._modify(run_id, change)
-        return record
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        """:meth:`claim_run` of many runs in one write transaction: the ones claimed, by id."""
+        claimed: dict[str, RunRecord] = {}
+        with self._db.write() as conn:
+            for run_id in dict.fromkeys(run_ids):
+                row = conn.execute("SELECT data FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                if row is None:
+                    continue
+                record = RunRecord.from_json(json.loads(row[0]))
+                if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
+                    continue
+                claimed[run_id] = record.replace(state=RunState.RUNNING, started_at=started_at)
+            conn.executemany(
+                "UPDATE runs SET job_id = ?, slot_us = ?, peer_id = ?, state = ?, "
+                "cancel_requested = ?, ended_us = ?, data = ? WHERE run_id = ?",
+                [(*self._run_row(r)[1:], r.run_id) for r in claimed.values()],
+            )
+        self._notify_runs(claimed.values())
+        return claimed
 
     def update_run(
         self, run_id: str, *, expect: Mapping[str, Any] | None = None, **changes: Any

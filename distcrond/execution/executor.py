@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from distcrond.batching import Combiner
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
@@ -33,6 +34,10 @@ log = logging.getLogger("distcrond.executor")
 
 # How long a finished run's report and state are retried while a store is unavailable.
 SETTLE_PATIENCE = 300.0
+# The leader assigns a slot's run a little before it is due (scheduler.LOOKAHEAD); the
+# executor claims and starts it at its instant. A run assigned further ahead than this
+# (a clock far apart from the leader's) starts at once rather than waiting that long.
+MAX_EARLY = 1.0
 
 
 @dataclass
@@ -64,6 +69,16 @@ class Executor:
         self._clock = clock
         self._health = health
         self._pool = ThreadPoolExecutor(max_concurrent_runs, thread_name_prefix="run")
+        # Runs due together claim together: one write for the batch, where the store can.
+        self._claims: Combiner[str, None, RunRecord] | None = None
+        if coordination.claims_in_batches:
+            self._claims = Combiner(
+                lambda items: coordination.claim_runs(
+                    [run_id for run_id, _ in items], peer_id, self._clock.now()
+                )
+            )
+        # Reports of runs ending together are written together (one transaction, one bulk).
+        self._report_writes: Combiner[str, RunReport, bool] = Combiner(self._write_reports)
         self._lock = threading.Lock()
         self._inflight: dict[str, _Flight] = {}
         self._idle = threading.Condition(self._lock)
@@ -125,6 +140,8 @@ class Executor:
     def _execute(self, flight: _Flight) -> None:
         record = flight.record
         try:
+            if not self._wait_for_slot(flight):
+                return  # stopping: the run stays assigned, for this peer's next start or another
             claimed = self._claim(flight)
             if claimed is None:
                 return  # claimed before, finished, not ours, or we stop: it never starts twice
@@ -134,6 +151,24 @@ class Executor:
         finally:
             self._done(record.run_id)
 
+    def _wait_for_slot(self, flight: _Flight) -> bool:
+        """Wait until the run's slot (if it is at most MAX_EARLY ahead); False if this peer
+        stops meanwhile. A run is claimed at its instant: until then it is only assigned,
+        and a peer that dies before the slot leaves it for the leader to move."""
+        record = flight.record
+        if record.trigger is Trigger.MANUAL:
+            return True
+        while True:
+            early = (record.slot - self._clock.now()).total_seconds()
+            if early <= 0 or early > MAX_EARLY:
+                return True
+            if self._stopping:
+                return False
+            if self._clock.wait(flight.cancel, early):
+                # Cancelled (replaced) before its slot: it goes on to be claimed and ends
+                # "cancelled" without starting, unless this peer is stopping.
+                return not self._stopping
+
     def _claim(self, flight: _Flight) -> RunRecord | None:
         """Claim the run; while the store refuses (a suspended session starts nothing), retry
         until it answers, the run is no longer ours to claim, or this peer stops. The
@@ -141,6 +176,8 @@ class Executor:
         delay = 0.1
         while True:
             try:
+                if self._claims is not None:
+                    return self._claims.submit(flight.record.run_id, None)
                 return self._coordination.claim_run(
                     flight.record.run_id, self._peer_id, self._clock.now()
                 )
@@ -321,7 +358,7 @@ class Executor:
         deadline = self._clock.monotonic() + SETTLE_PATIENCE
         while True:
             try:
-                self._reports.write([report])
+                self._report_writes.submit(report.run_id, report)
                 self._coordination.finish_run(
                     report.run_id,
                     report.state,
@@ -339,6 +376,10 @@ class Executor:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _write_reports(self, items: Sequence[tuple[str, RunReport]]) -> dict[str, bool]:
+        self._reports.write([report for _, report in items])
+        return {run_id: True for run_id, _ in items}
 
     # -- recovery --------------------------------------------------------------
     def _recover(self) -> None:

@@ -48,6 +48,11 @@ RECONCILE_EVERY = timedelta(seconds=1)
 # How long the live peers and unhealthy nodes read for one pass serve the next ones: a
 # peer that died meanwhile is caught by the reconciliation (its runs move on).
 VIEW_TTL = 0.25  # seconds
+# Slots are recorded (and so assigned) this long before they are due, and the executing
+# peer starts them at their instant: the pass, the fenced write and the claim are then
+# done by the time the slot comes, instead of making every run that much late. A slot
+# whose job still has a run in progress is decided at its instant, as before.
+LOOKAHEAD = timedelta(milliseconds=50)
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Scheduler:
         self._specs: dict[str, JobSpec] = {}
         self._next: dict[str, datetime] = {}
         self._heap: list[tuple[datetime, str]] = []
+        # Slots inside the lookahead whose job has a run in progress: decided when due.
+        self._held: list[tuple[datetime, str]] = []
         self._last_prune: datetime | None = None
         self._last_reconcile: datetime | None = None
         # The active runs as this leader knows them (its own records, refreshed from the
@@ -162,6 +169,7 @@ class Scheduler:
             self._specs.clear()
             self._next.clear()
             self._heap.clear()
+            self._held.clear()
             self._bootstrapped = False
             self._last_reconcile = None
             log.info("scheduler stopped (epoch %d)", self._epoch)
@@ -169,9 +177,11 @@ class Scheduler:
     def _sleep_time(self) -> float:
         if self._config_dirty or self._triggers_dirty:
             return 0.0
-        if not self._heap:
+        wake = [self._heap[0][0] - LOOKAHEAD] if self._heap else []
+        wake += [self._held[0][0]] if self._held else []
+        if not wake:
             return 1.0
-        return min(1.0, (self._heap[0][0] - self._clock.now()).total_seconds())
+        return min(1.0, (min(wake) - self._clock.now()).total_seconds())
 
     def step(self) -> None:
         """One pass (the loop's body, public for tests that drive a fake clock): on the first,
@@ -201,6 +211,7 @@ class Scheduler:
         self._specs.clear()
         self._next.clear()
         self._heap.clear()
+        self._held.clear()
         cursors = self._coordination.cursors()
         now = self._clock.now()
         batch = self._new_batch(now)
@@ -239,14 +250,26 @@ class Scheduler:
 
     def _dispatch_due(self) -> None:
         now = self._clock.now()
+        candidates: list[tuple[datetime, str]] = []
+        while self._held and self._held[0][0] <= now:
+            candidates.append(heapq.heappop(self._held))
+        while self._heap and self._heap[0][0] <= now + LOOKAHEAD:
+            candidates.append(heapq.heappop(self._heap))
+        # Else: a stale entry of a changed or removed job.
+        candidates = [
+            (slot, job_id) for slot, job_id in candidates if self._next.get(job_id) == slot
+        ]
+        if not candidates:
+            return
+        batch = self._new_batch(now)
         due: list[tuple[datetime, str]] = []
-        while self._heap and self._heap[0][0] <= now:
-            slot, job_id = heapq.heappop(self._heap)
-            if self._next.get(job_id) == slot:  # else: stale entry of a changed/removed job
+        for slot, job_id in candidates:
+            if slot > now and self._blocking(self._specs[job_id], batch, Trigger.SCHEDULE):
+                heapq.heappush(self._held, (slot, job_id))  # its fate depends on that run
+            else:
                 due.append((slot, job_id))
         if not due:
             return
-        batch = self._new_batch(now)
         for slot, job_id in due:
             job = self._specs[job_id]
             self._decide(job, slot, Trigger.SCHEDULE, run_id_for(job.id, slot), batch)
@@ -310,17 +333,25 @@ class Scheduler:
             self._view = (now, live, set(self._coordination.node_health()))
         return self._view[1], self._view[2]
 
+    @staticmethod
+    def _blocking(job: JobSpec, batch: _Batch, trigger: Trigger) -> list[RunRecord]:
+        """The job's active runs that a new slot must wait for (forbid) or replace."""
+        if trigger is Trigger.MISFIRE or job.concurrency == "allow":
+            return []
+        active = batch.active_by_job[job.id]
+        if job.misfire.policy is MisfirePolicy.RUN_ALL:
+            # run_all asked for every missed slot: its catch-up runs (which overlap each
+            # other anyway) do not make the next scheduled slots skip.
+            return [r for r in active if r.trigger is not Trigger.MISFIRE]
+        return list(active)
+
     def _decide(
         self, job: JobSpec, slot: datetime, trigger: Trigger, base_run_id: str, batch: _Batch
     ) -> None:
         """Add the records of one slot to the batch: skipped, failed, or assigned run(s)."""
         active = batch.active_by_job[job.id]
-        blocking = active
-        if job.misfire.policy is MisfirePolicy.RUN_ALL:
-            # run_all asked for every missed slot: its catch-up runs (which overlap each
-            # other anyway) do not make the next scheduled slots skip.
-            blocking = [r for r in active if r.trigger is not Trigger.MISFIRE]
-        if blocking and trigger is not Trigger.MISFIRE:
+        blocking = self._blocking(job, batch, trigger)
+        if blocking:
             if job.concurrency == "forbid":
                 batch.records.append(
                     self._terminal(
