@@ -252,6 +252,14 @@ def render_runs(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_search(data: dict[str, Any]) -> str:
+    runs = data.get("runs") or []
+    out = [table(RUN_HEADERS, run_rows(runs)) if runs else "no runs found"]
+    if data.get("next_cursor"):
+        out.append(f"more: add --cursor {data['next_cursor']}")
+    return "\n".join(out)
+
+
 def render_run(data: dict[str, Any]) -> str:
     if "runs" in data:  # one slot run on several nodes
         return "\n".join(
@@ -335,6 +343,16 @@ def render_health(data: dict[str, Any]) -> str:
         s = stores.get(name, {})
         state = "ok" if s.get("ok") else f"FAILING {s.get('detail', '')}".rstrip()
         pairs.append((name, f"{s.get('backend', '?')} {state}"))
+    spool = data.get("report_spool")
+    if spool is not None:
+        age = spool.get("oldest_age_s")
+        waiting = f"{spool.get('reports', 0)} waiting"
+        if age is not None:
+            waiting += f", oldest {age:.0f}s"
+        waiting += f", {spool.get('dead_letters', 0)} dead letters"
+        if spool.get("last_error"):
+            waiting += f"; last error: {spool['last_error']}"
+        pairs.append(("report spool", waiting))
     return fields(pairs)
 
 
@@ -354,6 +372,17 @@ def cmd_job(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[An
 def cmd_runs(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     params = {"limit": args.limit, "state": args.state, "node": args.node, "cursor": args.cursor}
     return client.request("GET", f"{API}/jobs/{_quote(args.id)}/runs", params), render_runs
+
+
+def cmd_search(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+    params = {
+        "q": " ".join(args.words),
+        "job": args.job,
+        "state": args.state,
+        "limit": args.limit,
+        "cursor": args.cursor,
+    }
+    return client.request("GET", f"{API}/runs", params), render_search
 
 
 def cmd_run(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
@@ -422,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--state", help="only these states, comma-separated (e.g. failed,unknown)")
     runs.add_argument("--node", help="only runs on this node")
     runs.add_argument("--cursor", help="continue after a previous page")
+    search = add("search", cmd_search, "find finished runs whose output has every word")
+    search.add_argument("words", nargs="+", help="words that stdout or stderr contains")
+    search.add_argument("--job", help="only this job's runs")
+    search.add_argument("--state", help="only these states, comma-separated")
+    search.add_argument("--limit", type=_positive, default=20, help="runs per page (default 20)")
+    search.add_argument("--cursor", help="continue after a previous page")
     add("run", cmd_run, "show one run with its output").add_argument("run_id", help="<job>@<slot>")
     add("trigger", cmd_trigger, "run a job now and print its run id").add_argument(
         "id", help="job id"

@@ -18,7 +18,7 @@ from distcrond.clock import FakeClock
 from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import ConfigSnapshot, PeerInfo, StoreStatus
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
-from distcrond.ctl import Transport, Unreachable, main, table
+from distcrond.ctl import Transport, Unreachable, main, render_health, table
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, run_id_for
 
@@ -323,3 +323,47 @@ def test_health_of_a_degraded_peer_is_shown_and_exits_1(
     out = capsys.readouterr().out
     assert "status:" in out and "degraded" in out
     assert "reports:      sqlite FAILING disk on fire" in out
+
+
+def test_search_finds_runs_by_the_words_of_their_output(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(cluster, "search", "disk", "full", "--state", "failed") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["SLOT", "STATE", "NODE"]
+    assert len(lines) == 2 and "failed" in lines[1]
+    _, url, _ = cluster.requests[-1]
+    assert "/api/v1/runs?" in url and "q=disk+full" in url and "state=failed" in url
+
+    assert run(cluster, "search", "nowhere") == 0
+    assert capsys.readouterr().out.strip() == "no runs found"
+
+
+def test_search_offers_the_next_page(cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(cluster, "search", "copied", "--job", "backup", "--limit", "2") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[3].startswith("more: add --cursor ")
+    cursor = lines[3].split()[-1]
+    assert run(cluster, "search", "copied", "--job", "backup", "--cursor", cursor) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_health_shows_the_report_spool_when_the_peer_has_one() -> None:
+    body = {
+        "status": "degraded",
+        "peer_id": "peer-a",
+        "stores": {
+            "coordination": {"ok": True, "backend": "zookeeper"},
+            "reports": {"ok": False, "backend": "elasticsearch", "detail": "refused"},
+        },
+        "report_spool": {
+            "reports": 42,
+            "bytes": 9000,
+            "oldest_age_s": 31.4,
+            "dead_letters": 0,
+            "last_error": "connection refused",
+        },
+    }
+    shown = render_health(body)
+    assert "42 waiting, oldest 31s, 0 dead letters; last error: connection refused" in shown
+    assert "report spool" not in render_health({**body, "report_spool": None})
