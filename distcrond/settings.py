@@ -68,12 +68,8 @@ class Settings:
 
     def with_secrets(self, environ: Mapping[str, str]) -> Settings:
         """These settings with the secrets read from ``environ`` (see :meth:`secret_env`)."""
-        return replace(
-            self,
-            zk_auth=environ.get(ZK_AUTH_ENV) or None,
-            es_password=environ.get(ES_PASSWORD_ENV) or None,
-            es_api_key=environ.get(ES_API_KEY_ENV) or None,
-        )
+        secrets: dict[str, Any] = {f: environ.get(env) or None for f, env in SECRET_ENV.items()}
+        return replace(self, **secrets)
 
     @property
     def zk_credentials(self) -> tuple[str, str] | None:
