@@ -63,7 +63,7 @@ def spool_segments(peer: Peer) -> list[Path]:
 
 
 @pytest.fixture
-def peers(tmp_path: Path) -> Iterator[list[Peer]]:
+def peers() -> Iterator[list[Peer]]:
     started: list[Peer] = []
     yield started
     for peer in started:
