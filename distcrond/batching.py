@@ -49,9 +49,15 @@ class Combiner(Generic[K, P, V]):
     """
 
     def __init__(
-        self, run_batch: Callable[[Sequence[tuple[K, P]]], dict[K, V]], max_batch: int = 500
+        self,
+        run_batch: Callable[[Sequence[tuple[K, P]]], dict[K, V]],
+        max_batch: int = 500,
+        before_batch: Callable[[], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        # Called by the caller who runs the next batch before it takes the pending items:
+        # a wait there (for more urgent work to go first) makes that batch larger.
+        self._before_batch = before_batch
         self._max_batch = max_batch
         self._lock = threading.Lock()
         self._pending: dict[K, _Item[K, P, V]] = {}
@@ -64,8 +70,9 @@ class Combiner(Generic[K, P, V]):
                 item = self._pending[key] = _Item(key, payload)
             else:
                 item.payload = payload
-            batch = self._lead() if not self._busy else None
-        while batch is None:
+            lead = not self._busy
+            self._busy = True
+        while not lead:
             item.wake.wait()
             with self._lock:
                 if item.done:
@@ -74,18 +81,18 @@ class Combiner(Generic[K, P, V]):
                 if item.lead:
                     item.lead = False
                     if not self._busy:  # else a newcomer took the turn: wait for it
-                        batch = self._lead()
-        if batch is not None:
+                        lead = self._busy = True
+        if lead:
+            # The leader's item is the oldest pending one: it is in the batch it runs.
+            if self._before_batch is not None:
+                self._before_batch()
+            with self._lock:
+                keys = list(self._pending)[: self._max_batch]
+                batch = [self._pending.pop(k) for k in keys]
             self._run(batch)
         if item.error is not None:
             raise item.error
         return item.result
-
-    def _lead(self) -> list[_Item[K, P, V]]:
-        """Become the one running a batch: take the pending items (with the lock held)."""
-        self._busy = True
-        keys = list(self._pending)[: self._max_batch]
-        return [self._pending.pop(k) for k in keys]
 
     def _run(self, batch: list[_Item[K, P, V]]) -> None:
         results: dict[K, V] = {}

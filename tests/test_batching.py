@@ -120,3 +120,37 @@ def test_a_caller_alone_runs_its_batch_at_once() -> None:
     assert combiner.submit("a", None) is True
     assert combiner.submit("b", None) is True
     assert calls == [["a"], ["b"]]
+
+
+def test_items_submitted_while_the_leader_waits_before_its_batch_join_that_batch() -> None:
+    batches: list[list[str]] = []
+    entered, go = threading.Event(), threading.Event()
+
+    def before() -> None:  # e.g. "let the starts go first"
+        entered.set()
+        assert go.wait(10)
+
+    def run(items: Sequence[tuple[str, int]]) -> dict[str, int]:
+        batches.append([k for k, _ in items])
+        return {k: v for k, v in items}
+
+    combiner: Combiner[str, int, int] = Combiner(run, before_batch=before)
+    results: dict[str, int | None] = {}
+    callers = [
+        threading.Thread(target=lambda k=k: results.update({k: combiner.submit(k, 1)}))
+        for k in ("a", "b", "c")
+    ]
+    callers[0].start()
+    assert entered.wait(10)
+    for t in callers[1:]:
+        t.start()
+    for _ in range(1000):  # polling a condition with a deadline
+        with combiner._lock:
+            if len(combiner._pending) == 3:
+                break
+        threading.Event().wait(0.01)
+    go.set()
+    for t in callers:
+        t.join(10)
+    assert batches == [["a", "b", "c"]]
+    assert results == {"a": 1, "b": 1, "c": 1}

@@ -15,6 +15,7 @@ from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import StoreUnavailable
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
+from distcrond.execution.base import Attempt, RunRequest
 from distcrond.execution.executor import Executor
 from distcrond.execution.local import LocalRunner
 from distcrond.reporting.sqlite import SQLiteReportStore
@@ -353,6 +354,65 @@ def test_a_run_assigned_before_its_slot_is_claimed_and_started_at_its_instant(
     if datetime.now(UTC) < slot:  # looked at before the slot: not claimed yet
         assert waiting is not None and waiting.state is RunState.ASSIGNED
 
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.SUCCEEDED
+    assert report.started_at is not None and report.started_at >= slot
+    assert float(started.read_text()) >= slot.timestamp()
+
+
+class StartRecorder(LocalRunner):
+    """The real local runner, noting which thread started each run."""
+
+    def __init__(self) -> None:
+        super().__init__(kill_grace=0.5)
+        self.threads: list[str] = []
+
+    def start(self, request: RunRequest) -> Attempt:
+        self.threads.append(threading.current_thread().name)
+        return super().start(request)
+
+
+def test_runs_due_at_the_same_instant_are_all_started_by_the_one_starter_thread(
+    h: Harness,
+) -> None:
+    recorder = StartRecorder()
+    h.executor = Executor(
+        h.coordination, h.reports, {"local": recorder}, lambda: h.config, "p1", h.clock
+    )
+    slot = datetime.now(UTC) + timedelta(seconds=0.3)
+    ids = [h.assign(h.job(f"burst-{i}").id, slot=slot).run_id for i in range(20)]
+    h.executor.start()
+    reports = [h.wait_report(run_id) for run_id in ids]
+    assert all(r.state is RunState.SUCCEEDED for r in reports)
+    assert recorder.threads == ["run-starter"] * 20
+    recorder.close()
+
+
+def test_a_run_is_claimed_ahead_of_its_slot_and_started_at_it(h: Harness, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    h.executor = Executor(
+        h.coordination,
+        h.reports,
+        {"local": h.runner},
+        lambda: h.config,
+        "p1",
+        h.clock,
+        claim_ahead=0.6,
+    )
+    h.job("ahead", shell=True, command=f"date +%s.%N > {started}")
+    h.executor.start()
+    slot = datetime.now(UTC) + timedelta(seconds=0.9)
+    record = h.assign("ahead", slot=slot)
+    seen_running_before_slot = False
+    while datetime.now(UTC) < slot - timedelta(seconds=0.05):
+        stored = h.coordination.get_run(record.run_id)
+        if stored is not None and stored.state is RunState.RUNNING:
+            seen_running_before_slot = True
+            assert stored.started_at == slot  # the instant it is to start at
+            assert not started.exists()
+            break
+        threading.Event().wait(0.01)
+    assert seen_running_before_slot
     report = h.wait_report(record.run_id)
     assert report.state is RunState.SUCCEEDED
     assert report.started_at is not None and report.started_at >= slot

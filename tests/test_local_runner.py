@@ -406,3 +406,24 @@ def test_pipe_held_by_a_process_outside_the_group_does_not_hang(
         assert outcome.stdout == "done\n"
     finally:
         os.kill(escaped, 9)
+
+
+def test_start_returns_at_once_and_one_thread_supervises_every_run(tmp_path: Path) -> None:
+    runner = LocalRunner()
+    go = tmp_path / "go"
+    threads_before = threading.active_count()
+    wait_for_go = f"while [ ! -e {go} ]; do sleep 0.01; done"
+    attempts = [runner.start(request(SH, "-c", f"{wait_for_go}; echo {i}")) for i in range(20)]
+    ended: list[RunOutcome] = []
+    attempts[0].when_ended(ended.append)
+    # Every command is spawned and still waiting: start() did not wait for any of them.
+    assert len(runner.live_process_groups()) == 20 and ended == []
+    # One supervisor thread for the twenty runs, not a thread each.
+    assert threading.active_count() - threads_before == 1
+    assert [t.name for t in threading.enumerate()].count("local-runs") == 1
+    go.touch()
+    outcomes = [attempt.wait() for attempt in attempts]
+    assert [o.stdout for o in outcomes] == [f"{i}\n" for i in range(20)]
+    assert all(o.ok for o in outcomes)
+    assert ended == [outcomes[0]]
+    runner.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -50,12 +51,63 @@ class RunOutcome:
     not_started: bool = False
 
 
+class Attempt:
+    """A started attempt: its outcome once it has ended. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._outcome: RunOutcome | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[RunOutcome], None]] = []
+
+    @classmethod
+    def ended(cls, outcome: RunOutcome) -> Attempt:
+        attempt = cls()
+        attempt.end(outcome)
+        return attempt
+
+    def end(self, outcome: RunOutcome) -> None:
+        """Record the outcome (once) and call the callbacks, in the calling thread."""
+        with self._lock:
+            if self._outcome is not None:
+                return
+            self._outcome = outcome
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        for callback in callbacks:
+            callback(outcome)
+
+    def wait(self) -> RunOutcome:
+        """Block until the attempt has ended; its outcome."""
+        self._done.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+    def when_ended(self, callback: Callable[[RunOutcome], None]) -> None:
+        """Call ``callback(outcome)`` when the attempt ends (at once if it has), on the
+        thread that ends it: the callback must be quick and must not raise."""
+        with self._lock:
+            if self._outcome is None:
+                self._callbacks.append(callback)
+                return
+        callback(self._outcome)
+
+
 class Runner(ABC):
     connection_type: str = "abstract"
+
+    # True when start() returns as soon as the command is spawned, without waiting for it
+    # (the executor then starts such runs from one thread, at their instants).
+    starts_without_blocking: bool = False
 
     @abstractmethod
     def run(self, request: RunRequest) -> RunOutcome:
         """Run one attempt to its end (blocking) and return what happened."""
+
+    def start(self, request: RunRequest) -> Attempt:
+        """Start one attempt. This default runs it to its end first (see
+        ``starts_without_blocking``)."""
+        return Attempt.ended(self.run(request))
 
     def close(self) -> None:  # noqa: B027 - optional hook, most runners hold nothing
         """Release pooled resources (connections)."""

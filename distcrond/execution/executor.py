@@ -4,12 +4,22 @@ It learns of assignments from the coordination store (``watch_runs``), claims
 each with a compare-and-set before starting anything (so a run starts at most
 once, whatever the store replays), runs it through the node's runner with the
 job's retries, writes the report, and then records the terminal state.
+
+Runs arrive a little before their slots (scheduler.LOOKAHEAD). They are claimed
+at most CLAIM_AHEAD before the slot (runs of the same instant in one write, where
+the store can), and one thread, the starter, starts them at their instants: a
+runner that spawns without blocking (local) is started by the starter itself, so
+200 runs due at once are spawned one after the other by one thread instead of
+by 200 threads competing for the interpreter. Each run then has a thread of the
+pool that waits for its end (blocked, it costs nothing), retries it and settles it.
 The report is written before the state, so a peer that dies between the two
 finds, on restart, a report that tells the run's real outcome.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -23,7 +33,7 @@ from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
 from distcrond.coordination.base import CoordinationStore, StoreUnavailable
-from distcrond.execution.base import Runner, RunOutcome, RunRequest
+from distcrond.execution.base import Attempt, Runner, RunOutcome, RunRequest
 from distcrond.execution.health import NodeHealthTracker
 from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
@@ -35,16 +45,30 @@ log = logging.getLogger("distcrond.executor")
 # How long a finished run's report and state are retried while a store is unavailable.
 SETTLE_PATIENCE = 300.0
 # The leader assigns a slot's run a little before it is due (scheduler.LOOKAHEAD); the
-# executor claims and starts it at its instant. A run assigned further ahead than this
-# (a clock far apart from the leader's) starts at once rather than waiting that long.
+# executor starts it at its instant. A run assigned further ahead than this (a clock
+# far apart from the leader's) starts at once rather than waiting that long.
 MAX_EARLY = 1.0
+# A run is claimed at most this long before its instant, so that the claim's write is
+# done when the instant comes. A peer that dies in between leaves the run claimed and
+# never started: it ends "unknown" (or is re-run, when at_least_once), like a run
+# whose peer died just after starting it.
+CLAIM_AHEAD = 0.1
+# Ended runs are settled once no start is due within START_FIRST seconds, or after
+# SETTLE_DEFER seconds at the latest.
+START_FIRST = 0.002
+SETTLE_DEFER = 1.0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Flight:
     record: RunRecord
+    start_at: datetime  # when to start it: its slot, or at once
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    claimed: RunRecord | None = None
+
+
+_order = itertools.count()
 
 
 class Executor:
@@ -60,6 +84,7 @@ class Executor:
         clock: Clock,
         max_concurrent_runs: int = 256,
         health: NodeHealthTracker | None = None,
+        claim_ahead: float = CLAIM_AHEAD,
     ) -> None:
         self._coordination = coordination
         self._reports = reports
@@ -68,17 +93,21 @@ class Executor:
         self._peer_id = peer_id
         self._clock = clock
         self._health = health
+        self._claim_ahead = timedelta(seconds=claim_ahead)
         self._pool = ThreadPoolExecutor(max_concurrent_runs, thread_name_prefix="run")
-        # Runs due together claim together: one write for the batch, where the store can.
-        self._claims: Combiner[str, None, RunRecord] | None = None
-        if coordination.claims_in_batches:
-            self._claims = Combiner(
-                lambda items: coordination.claim_runs(
-                    [run_id for run_id, _ in items], peer_id, self._clock.now()
-                )
-            )
-        # Reports of runs ending together are written together (one transaction, one bulk).
-        self._report_writes: Combiner[str, RunReport, bool] = Combiner(self._write_reports)
+        # The starter's heaps of (instant, order, flight): to claim, and claimed to start.
+        self._unclaimed: list[tuple[datetime, int, _Flight]] = []
+        self._ready: list[tuple[datetime, int, _Flight]] = []
+        self._starter_wake = threading.Event()
+        self._claiming = 0  # claim batches on the pool, not done yet
+        self._never = threading.Event()  # waited on, to sleep
+        self._starter = threading.Thread(target=self._start_loop, name="run-starter", daemon=True)
+        # Runs ending together are settled together: their reports in one write (one
+        # transaction, one bulk), then their states; and only once no start is due.
+        self._settles: Combiner[str, RunReport, bool] = Combiner(
+            self._settle_batch, before_batch=self._yield_to_starts
+        )
+        self._starting = False  # the starter is starting runs
         self._lock = threading.Lock()
         self._inflight: dict[str, _Flight] = {}
         self._idle = threading.Condition(self._lock)
@@ -89,6 +118,7 @@ class Executor:
         """Settle the runs this peer left running when it last stopped, then take assignments.
         (The runs of other peers that are gone are the leader's to settle.)"""
         self._recover()
+        self._starter.start()
         self._coordination.watch_runs(self._peer_id, self._on_run)
 
     def stop(self, grace: float) -> None:
@@ -101,6 +131,9 @@ class Executor:
             for flight in self._inflight.values():
                 flight.cancel_reason = f"interrupted: peer {self._peer_id} is shutting down"
                 flight.cancel.set()
+        self._starter_wake.set()
+        if self._starter.is_alive():
+            self._starter.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def in_flight(self) -> int:
@@ -117,6 +150,7 @@ class Executor:
                         "cancelled: replaced by a newer run (concurrency: replace)"
                     )
                     flight.cancel.set()
+                    self._starter_wake.set()  # a cancelled run is due at once
                 return
             if (
                 flight is not None
@@ -125,11 +159,16 @@ class Executor:
                 or record.peer_id != self._peer_id
             ):
                 return
-            flight = self._inflight[record.run_id] = _Flight(record)
-        try:
-            self._pool.submit(self._execute, flight)
-        except RuntimeError:  # the pool is shutting down: the run stays assigned
-            self._done(record.run_id)
+            now = self._clock.now()
+            early = (record.slot - now).total_seconds()
+            start_at = (
+                record.slot
+                if record.trigger is not Trigger.MANUAL and 0 < early <= MAX_EARLY
+                else now
+            )
+            flight = self._inflight[record.run_id] = _Flight(record, start_at)
+            heapq.heappush(self._unclaimed, (start_at, next(_order), flight))
+        self._starter_wake.set()
 
     def _done(self, run_id: str) -> None:
         with self._lock:
@@ -137,85 +176,154 @@ class Executor:
             if not self._inflight:
                 self._idle.notify_all()
 
-    def _execute(self, flight: _Flight) -> None:
-        record = flight.record
+    # -- the starter -------------------------------------------------------------
+    def _start_loop(self) -> None:
+        """Claim runs as their instants near, and start them at their instants."""
+        ahead = self._claim_ahead
+        while True:
+            self._starter_wake.clear()
+            with self._lock:
+                now = self._clock.now()
+                stopping = self._stopping
+                to_claim: list[_Flight] = []
+                while self._unclaimed and (stopping or self._unclaimed[0][0] - ahead <= now):
+                    to_claim.append(heapq.heappop(self._unclaimed)[2])
+                due: list[_Flight] = []
+                while self._ready and (self._ready[0][0] <= now or stopping):
+                    due.append(heapq.heappop(self._ready)[2])
+                if any(item[2].cancel.is_set() for item in self._ready):
+                    # Cancelled (replaced, or this peer stops): due at once, to end cancelled.
+                    due += [f for _, _, f in self._ready if f.cancel.is_set()]
+                    self._ready = [item for item in self._ready if not item[2].cancel.is_set()]
+                    heapq.heapify(self._ready)
+                instants = [self._unclaimed[0][0] - ahead] if self._unclaimed else []
+                instants += [self._ready[0][0]] if self._ready else []
+            if stopping:
+                for flight in to_claim:  # unclaimed, it stays assigned, for a later start
+                    self._done(flight.record.run_id)
+            else:
+                self._claim_soon(to_claim)
+            if due:
+                self._starting = True
+                for flight in due:
+                    self._start(flight)
+                self._starting = False
+            with self._lock:
+                if stopping and not (self._ready or self._unclaimed or self._claiming):
+                    return
+            wait = min([1.0, *((at - now).total_seconds() for at in instants)])
+            self._clock.wait(self._starter_wake, wait if not stopping else min(wait, 0.05))
+
+    def _claim_soon(self, flights: list[_Flight]) -> None:
+        """Claim on the pool: runs of the same instant in one write, where the store can;
+        else each on its own (their writes then overlap)."""
+        groups: dict[datetime, list[_Flight]] = {}
+        for flight in flights:
+            started_at = max(self._clock.now(), flight.start_at)
+            groups.setdefault(started_at, []).append(flight)
+        for started_at, group in groups.items():
+            batches = [group] if self._coordination.claims_in_batches else [[f] for f in group]
+            for batch in batches:
+                with self._lock:
+                    self._claiming += 1
+                try:
+                    self._pool.submit(self._claim, batch, started_at)
+                except RuntimeError:  # the pool is shutting down: the runs stay assigned
+                    for flight in batch:
+                        self._done(flight.record.run_id)
+                    with self._lock:
+                        self._claiming -= 1
+
+    def _claim(self, flights: list[_Flight], started_at: datetime) -> None:
+        """Claim the runs; while the store refuses (a suspended session starts nothing),
+        retry until it answers or this peer stops. The assignment is delivered once:
+        giving up here would strand it on a live peer. A run that cannot be claimed
+        (claimed before, finished, not ours) never starts."""
         try:
-            if not self._wait_for_slot(flight):
-                return  # stopping: the run stays assigned, for this peer's next start or another
-            claimed = self._claim(flight)
-            if claimed is None:
-                return  # claimed before, finished, not ours, or we stop: it never starts twice
-            self._run_claimed(claimed, flight)
+            delay = 0.1
+            ids = [f.record.run_id for f in flights]
+            while True:
+                try:
+                    claimed = self._coordination.claim_runs(ids, self._peer_id, started_at)
+                    break
+                except StoreUnavailable as e:
+                    log.warning("runs %s: cannot claim them yet (%s); retrying", ", ".join(ids), e)
+                except Exception:
+                    log.exception("runs %s: claiming failed", ", ".join(ids))
+                    claimed = {}
+                    break
+                if self._stopping or self._clock.wait(threading.Event(), delay) or self._stopping:
+                    claimed = {}
+                    break
+                delay = min(delay * 2, 2.0)
+            with self._lock:
+                for flight in flights:
+                    record = claimed.get(flight.record.run_id)
+                    if record is not None:
+                        flight.claimed = record
+                        heapq.heappush(self._ready, (flight.start_at, next(_order), flight))
+            for flight in flights:
+                if flight.claimed is None:
+                    self._done(flight.record.run_id)
+        finally:
+            with self._lock:
+                self._claiming -= 1
+            self._starter_wake.set()
+
+    def _start(self, flight: _Flight) -> None:
+        """Start a claimed run at its instant: spawn it here when its runner does not block,
+        then leave the rest (waiting, retries, settling) to a thread of the pool."""
+        record = flight.claimed
+        assert record is not None
+        first: Attempt | None = None
+        try:
+            checked = self._check_claimed(record)
+            if len(checked) == 3:
+                job, node, runner = checked
+                if runner.starts_without_blocking:
+                    first = runner.start(self._request(record, job, node, 1, flight))
+        except Exception:
+            log.exception("run %s: starting it failed", record.run_id)
+        self._pool.submit(self._execute, flight, first)
+
+    def _execute(self, flight: _Flight, first: Attempt | None) -> None:
+        record = flight.claimed
+        assert record is not None
+        try:
+            self._run_claimed(record, flight, first)
         except Exception:
             log.exception("run %s: executor error", record.run_id)
         finally:
             self._done(record.run_id)
 
-    def _wait_for_slot(self, flight: _Flight) -> bool:
-        """Wait until the run's slot (if it is at most MAX_EARLY ahead); False if this peer
-        stops meanwhile. A run is claimed at its instant: until then it is only assigned,
-        and a peer that dies before the slot leaves it for the leader to move."""
-        record = flight.record
-        if record.trigger is Trigger.MANUAL:
-            return True
-        while True:
-            early = (record.slot - self._clock.now()).total_seconds()
-            if early <= 0 or early > MAX_EARLY:
-                return True
-            if self._stopping:
-                return False
-            if self._clock.wait(flight.cancel, early):
-                # Cancelled (replaced) before its slot: it goes on to be claimed and ends
-                # "cancelled" without starting, unless this peer is stopping.
-                return not self._stopping
-
-    def _claim(self, flight: _Flight) -> RunRecord | None:
-        """Claim the run; while the store refuses (a suspended session starts nothing), retry
-        until it answers, the run is no longer ours to claim, or this peer stops. The
-        assignment is delivered once: giving up here would strand it on a live peer."""
-        delay = 0.1
-        while True:
-            try:
-                if self._claims is not None:
-                    return self._claims.submit(flight.record.run_id, None)
-                return self._coordination.claim_run(
-                    flight.record.run_id, self._peer_id, self._clock.now()
-                )
-            except StoreUnavailable as e:
-                log.warning("run %s: cannot claim it yet (%s); retrying", flight.record.run_id, e)
-            if self._stopping or flight.cancel.wait(delay):
-                return None
-            delay = min(delay * 2, 2.0)
-
-    def _run_claimed(self, record: RunRecord, flight: _Flight) -> None:
+    def _check_claimed(
+        self, record: RunRecord
+    ) -> tuple[JobSpec, NodeSpec, Runner] | tuple[RunState, str]:
+        """The job, node and runner of a claimed run, or how it ends without starting."""
         config = self._config()
         job = config.jobs.get(record.job_id)
         node = config.nodes.get(record.node_id or "")
         if job is None:
-            self._finish_without_running(
-                record, RunState.FAILED, f"job {record.job_id} is no longer defined"
-            )
-            return
+            return RunState.FAILED, f"job {record.job_id} is no longer defined"
         if node is None:
-            self._finish_without_running(
-                record, RunState.FAILED, f"node {record.node_id} is no longer defined"
-            )
-            return
+            return RunState.FAILED, f"node {record.node_id} is no longer defined"
         runner = self._runners.get(node.connection_type.value)
         if runner is None:
-            self._finish_without_running(
-                record,
-                RunState.FAILED,
-                f"no runner for connection_type {node.connection_type.value}",
-            )
-            return
+            return RunState.FAILED, f"no runner for connection_type {node.connection_type.value}"
         late = self._clock.now() - record.slot
         if record.trigger is not Trigger.MANUAL and late > job.misfire.grace:
-            self._finish_without_running(
-                record, RunState.MISSED, f"not started within the misfire grace ({late} late)"
-            )
+            return RunState.MISSED, f"not started within the misfire grace ({late} late)"
+        return job, node, runner
+
+    def _run_claimed(self, record: RunRecord, flight: _Flight, first: Attempt | None) -> None:
+        checked = self._check_claimed(record)
+        if len(checked) == 2:
+            self._finish_without_running(record, *checked)
             return
-        outcome, attempts, started_at, node = self._attempts(record, job, node, runner, flight)
+        job, node, runner = checked
+        outcome, attempts, started_at, node = self._attempts(
+            record, job, node, runner, flight, first
+        )
         state = RunState.SUCCEEDED if outcome.ok else RunState.FAILED
         reason = (
             flight.cancel_reason if outcome.cancelled and flight.cancel_reason else outcome.reason
@@ -248,7 +356,13 @@ class Executor:
         )
 
     def _attempts(
-        self, record: RunRecord, job: JobSpec, node: NodeSpec, runner: Runner, flight: _Flight
+        self,
+        record: RunRecord,
+        job: JobSpec,
+        node: NodeSpec,
+        runner: Runner,
+        flight: _Flight,
+        first: Attempt | None,
     ) -> tuple[RunOutcome, int, datetime, NodeSpec]:
         """Run the first attempt and the retries the job allows; the last outcome counts.
 
@@ -257,11 +371,16 @@ class Executor:
         node this peer can execute, if there is one; else it waits the backoff.
         """
         attempts = 1 + job.retries.count
-        started_at = record.started_at or self._clock.now()
+        started_at: datetime | None = None
         attempt = 1
         tried = {node.id}
         while True:
-            outcome = runner.run(self._request(record, job, node, attempt, flight))
+            if first is not None:  # the starter started the first attempt
+                outcome, first = first.wait(), None
+            else:
+                outcome = runner.run(self._request(record, job, node, attempt, flight))
+            if started_at is None:
+                started_at = outcome.started_at
             self._note_health(node, outcome)
             if outcome.ok or outcome.cancelled or attempt >= attempts:
                 return outcome, attempt, started_at, node
@@ -358,14 +477,7 @@ class Executor:
         deadline = self._clock.monotonic() + SETTLE_PATIENCE
         while True:
             try:
-                self._report_writes.submit(report.run_id, report)
-                self._coordination.finish_run(
-                    report.run_id,
-                    report.state,
-                    ended_at=report.ended_at or self._clock.now(),
-                    exit_code=report.exit_code,
-                    reason=report.reason,
-                )
+                self._settles.submit(report.run_id, report)
                 return
             except StoreUnavailable as e:
                 if self._clock.monotonic() > deadline:
@@ -377,9 +489,32 @@ class Executor:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _write_reports(self, items: Sequence[tuple[str, RunReport]]) -> dict[str, bool]:
-        self._reports.write([report for _, report in items])
+    def _settle_batch(self, items: Sequence[tuple[str, RunReport]]) -> dict[str, bool]:
+        """The reports first, then the terminal states (so a state never lacks its report)."""
+        reports = [report for _, report in items]
+        self._reports.write(reports)
+        for report in reports:
+            self._coordination.finish_run(
+                report.run_id,
+                report.state,
+                ended_at=report.ended_at or self._clock.now(),
+                exit_code=report.exit_code,
+                reason=report.reason,
+            )
         return {run_id: True for run_id, _ in items}
+
+    def _yield_to_starts(self) -> None:
+        """Settling can wait; starting cannot: while runs are being started or are due to
+        start within START_FIRST, wait (at most SETTLE_DEFER), so that a burst of starts
+        does not share the interpreter and the CPUs with the bookkeeping of ended runs."""
+        deadline = self._clock.monotonic() + SETTLE_DEFER
+        soon = timedelta(seconds=START_FIRST)
+        while self._clock.monotonic() < deadline:
+            with self._lock:
+                due = bool(self._ready) and self._ready[0][0] <= self._clock.now() + soon
+            if not (due or self._starting):
+                return
+            self._clock.wait(self._never, START_FIRST)
 
     # -- recovery --------------------------------------------------------------
     def _recover(self) -> None:

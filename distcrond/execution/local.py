@@ -2,31 +2,34 @@
 
 Every run gets its own session (and so its own process group), which the run
 owns: a timeout, a cancel or :meth:`LocalRunner.close` signals the whole group,
-grandchildren included, and when :meth:`LocalRunner.run` returns nothing of the
-group is left running — background processes a job leaves behind are killed
-once its main process has exited (a job that means to start a daemon must put
-it in a session of its own, e.g. with ``setsid``).
+grandchildren included, and when a run ends nothing of the group is left
+running — background processes a job leaves behind are killed once its main
+process has exited (a job that means to start a daemon must put it in a session
+of its own, e.g. with ``setsid``).
 
-One thread per run: the calling thread spawns the process, then reads stdout,
-stderr and the process's exit (a pidfd) through one selector, waking at least
-every 50 ms to notice a cancel.
+:meth:`LocalRunner.start` spawns the process in the calling thread and returns at
+once; one supervisor thread ("local-runs") then watches every run's stdout, stderr
+and exit (a pidfd) through one epoll selector, waking at least every 50 ms while
+runs are live to notice cancels and timeouts. Many runs thus cost no thread each,
+and a burst of starts does not compete with a thread per run for the interpreter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import selectors
 import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from distcrond.clock import Clock
 from distcrond.config.durations import format_duration
-from distcrond.execution.base import Runner, RunOutcome, RunRequest
+from distcrond.execution.base import Attempt, Runner, RunOutcome, RunRequest
 from distcrond.execution.capture import BoundedBuffer
 
 # How often the read loop wakes, at most, to look at the cancel event and the clock.
@@ -36,6 +39,8 @@ _READ_SIZE = 65536
 # After the leftovers of a group were SIGKILLed, how long to wait for the pipes to
 # reach end-of-file before giving up on them (a holder that left the group survives).
 _DRAIN_AFTER_KILL = 0.5
+
+log = logging.getLogger("distcrond.local")
 
 _STDOUT = "stdout"
 _STDERR = "stderr"
@@ -67,12 +72,27 @@ def _spawn_error_reason(exc: OSError, request: RunRequest) -> str:
     return f"{what}: {path}"
 
 
-@dataclass
-class _Live:
-    """A running process group, as the registry knows it."""
+@dataclass(eq=False)
+class _Watch:
+    """A live run, as the supervisor thread sees it."""
 
+    request: RunRequest
     process: subprocess.Popen[bytes]
-    pgid: int
+    started_at: datetime
+    deadline: float | None  # on the runner clock's monotonic()
+    pidfd: int | None  # readable once the main process has exited; None where unsupported
+    attempt: Attempt = field(default_factory=Attempt)
+    buffers: dict[str, BoundedBuffer] = field(default_factory=dict)
+    open_pipes: int = 2
+    stop: str | None = None  # "timeout" or "cancel", once the group was told to stop
+    term_sent_at: float | None = None  # time.monotonic() of the SIGTERM
+    kill_sent: bool = False
+    exited_at: float | None = None  # time.monotonic() when the main process's exit was seen
+    give_up_at: float | None = None  # stop waiting for end-of-file after the final SIGKILL
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid  # setsid: the pid is the process group id
 
 
 class LocalRunner(Runner):
@@ -98,10 +118,11 @@ class LocalRunner(Runner):
     - A command that cannot be started (not found, not executable, bad working
       directory) gives ``not_started=True``, ``exit_code=None`` and a reason
       naming the path and the error: ``"no such file or directory: /no/such/bin"``.
-    - Thread-safe: any number of runs may proceed at once, one per thread.
+    - Thread-safe: any number of runs may be started and waited for at once.
     """
 
     connection_type = "local"
+    starts_without_blocking = True
 
     def __init__(
         self,
@@ -113,30 +134,84 @@ class LocalRunner(Runner):
         self._kill_grace = kill_grace
         self._output_grace = output_grace
         self._lock = threading.Condition()
-        self._live: dict[int, _Live] = {}
-        self._active = 0  # runs inside run(), spawned or about to be
+        self._live: dict[int, _Watch] = {}  # pgid -> run, from its spawn until its end
+        self._incoming: list[_Watch] = []  # spawned, not yet watched by the supervisor
+        self._active = 0  # runs started and not ended, spawned or about to be
         self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
 
     # -- public ---------------------------------------------------------------
 
     def run(self, request: RunRequest) -> RunOutcome:
         """Run ``request`` to its end (blocking) and return what happened."""
+        return self.start(request).wait()
+
+    def start(self, request: RunRequest) -> Attempt:
+        """Spawn ``request``'s command and return at once; the attempt ends when the run
+        does (its callbacks are called on the supervisor thread)."""
         started_at = self._clock.now()
         if not request.argv:
-            return self._not_started(started_at, "empty command")
+            return Attempt.ended(self._not_started(started_at, "empty command"))
         with self._lock:
             # Counted before spawning, so that close() waits for a run being spawned.
             if self._closing.is_set():
-                return self._not_started(started_at, "runner is closed")
+                return Attempt.ended(self._not_started(started_at, "runner is closed"))
             self._active += 1
+            self._ensure_supervisor()
         try:
-            return self._run(request, started_at)
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._lock.notify_all()
+            spawned = self._spawn(request, started_at)
+        except BaseException:
+            self._release()
+            raise
+        if isinstance(spawned, RunOutcome):
+            self._release()
+            return Attempt.ended(spawned)
+        with self._lock:
+            self._live[spawned.pgid] = spawned
+            self._incoming.append(spawned)
+        self._wake()
+        return spawned.attempt
 
-    def _run(self, request: RunRequest, started_at: datetime) -> RunOutcome:
+    def close(self) -> None:
+        """Stop every run still going and wait until their process groups are gone.
+
+        Runs in progress are cancelled (SIGTERM, SIGKILL after ``kill_grace``)
+        and end with ``cancelled=True``; later calls to :meth:`start` start nothing.
+        Returns when every run has ended or, at the latest, after ``kill_grace``
+        plus ``output_grace`` plus about a second, having SIGKILLed whatever
+        groups remained.
+        """
+        # Time for the supervisor to notice, and for the pipes after the kill.
+        margin = _POLL_INTERVAL + self._output_grace + _DRAIN_AFTER_KILL + 0.5
+        with self._lock:
+            self._closing.set()
+        self._wake()
+        with self._lock:
+            # The supervisor sees the flag at once and terminates the groups.
+            self._lock.wait_for(lambda: self._active == 0, timeout=self._kill_grace + margin)
+            for watch in self._live.values():
+                _killpg(watch.pgid, signal.SIGKILL)
+            self._lock.wait_for(lambda: self._active == 0, timeout=margin)
+
+    def live_process_groups(self) -> list[int]:
+        """The process group ids of the runs in progress (for diagnostics and tests)."""
+        with self._lock:
+            return list(self._live)
+
+    # -- starting -------------------------------------------------------------
+
+    def _not_started(self, started_at: datetime, reason: str) -> RunOutcome:
+        return RunOutcome(
+            ok=False,
+            exit_code=None,
+            started_at=started_at,
+            ended_at=self._clock.now(),
+            reason=reason,
+            not_started=True,
+        )
+
+    def _spawn(self, request: RunRequest, started_at: datetime) -> _Watch | RunOutcome:
         if request.cancel.is_set():
             # Nothing ran: it may be placed again, but it is also a cancel.
             outcome = self._not_started(started_at, "cancelled before start")
@@ -157,84 +232,201 @@ class LocalRunner(Runner):
             return self._not_started(started_at, _spawn_error_reason(exc, request))
         except ValueError as exc:  # e.g. an embedded NUL byte in argv or env
             return self._not_started(started_at, f"cannot start {request.argv[0]!r}: {exc}")
-
-        live = _Live(process=process, pgid=process.pid)  # setsid: the pid is the pgid
-        with self._lock:
-            self._live[process.pid] = live
-        try:
-            return self._supervise(request, live, started_at)
-        finally:
-            with self._lock:
-                del self._live[process.pid]
-
-    def close(self) -> None:
-        """Stop every run still going and wait until their process groups are gone.
-
-        Runs in progress are cancelled (SIGTERM, SIGKILL after ``kill_grace``)
-        and return ``cancelled=True``; later calls to :meth:`run` start nothing.
-        Returns when every run has ended or, at the latest, after ``kill_grace``
-        plus ``output_grace`` plus about a second, having SIGKILLed whatever
-        groups remained.
-        """
-        # Time for a run to notice, and for its pipes after the kill (see _read_until_done).
-        margin = _POLL_INTERVAL + self._output_grace + _DRAIN_AFTER_KILL + 0.5
-        with self._lock:
-            self._closing.set()
-            # The runs see the flag within a poll interval and terminate their groups.
-            self._lock.wait_for(lambda: self._active == 0, timeout=self._kill_grace + margin)
-            for live in self._live.values():
-                _killpg(live.pgid, signal.SIGKILL)
-            self._lock.wait_for(lambda: self._active == 0, timeout=margin)
-
-    def live_process_groups(self) -> list[int]:
-        """The process group ids of the runs in progress (for diagnostics and tests)."""
-        with self._lock:
-            return [live.pgid for live in self._live.values()]
-
-    # -- internals ------------------------------------------------------------
-
-    def _not_started(self, started_at: datetime, reason: str) -> RunOutcome:
-        return RunOutcome(
-            ok=False,
-            exit_code=None,
+        deadline = (
+            self._clock.monotonic() + request.timeout.total_seconds()
+            if request.timeout is not None
+            else None
+        )
+        return _Watch(
+            request=request,
+            process=process,
             started_at=started_at,
-            ended_at=self._clock.now(),
-            reason=reason,
-            not_started=True,
+            deadline=deadline,
+            pidfd=_open_pidfd(process.pid),
+            buffers={
+                _STDOUT: BoundedBuffer(request.max_output_bytes),
+                _STDERR: BoundedBuffer(request.max_output_bytes),
+            },
         )
 
-    def _supervise(self, request: RunRequest, live: _Live, started_at: datetime) -> RunOutcome:
-        process = live.process
-        assert process.stdout is not None and process.stderr is not None
-        buffers = {
-            _STDOUT: BoundedBuffer(request.max_output_bytes),
-            _STDERR: BoundedBuffer(request.max_output_bytes),
-        }
-        selector = selectors.PollSelector()
-        pidfd = _open_pidfd(process.pid)
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._lock.notify_all()
+
+    # -- the supervisor thread -------------------------------------------------
+
+    def _ensure_supervisor(self) -> None:
+        """Start the supervisor thread if it is not running (called with the lock held)."""
+        if self._supervisor is not None:
+            return
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._supervisor = threading.Thread(target=self._supervise, name="local-runs", daemon=True)
+        self._supervisor.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
+
+    def _supervise(self) -> None:
+        """Read every run's pipes and exit, signal the groups that must stop, end the runs."""
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
+        watched: set[_Watch] = set()
+        next_scan = 0.0  # time.monotonic() of the next look at every run
         try:
-            selector.register(process.stdout.fileno(), selectors.EVENT_READ, _STDOUT)
-            selector.register(process.stderr.fileno(), selectors.EVENT_READ, _STDERR)
-            if pidfd is not None:
-                selector.register(pidfd, selectors.EVENT_READ, _EXIT)
-            stop = self._read_until_done(request, live, selector, buffers, pidfd is not None)
+            while True:
+                touched = self._take_incoming(selector, watched)
+                if not watched and self._closing.is_set():
+                    with self._lock:
+                        if self._active == 0 and not self._incoming:
+                            return
+                timeout = max(0.0, next_scan - time.monotonic()) if watched else None
+                for key, _ in selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(BlockingIOError):
+                            while os.read(self._wake_r, 4096):
+                                pass
+                        continue
+                    watch, what = key.data
+                    touched.add(watch)
+                    self._on_ready(selector, watch, what, key.fd)
+                now = time.monotonic()
+                if now >= next_scan:  # a cancel or a timer of any run may be due
+                    touched, next_scan = set(watched), now + _POLL_INTERVAL
+                for watch in touched:
+                    try:
+                        done, timer = self._check(watch, now)
+                    except Exception:
+                        log.exception("run %s: supervising it failed", watch.request.run_id)
+                        done, timer = True, now
+                    if done:
+                        watched.discard(watch)
+                        self._end(selector, watch)
+                    else:
+                        next_scan = min(next_scan, timer)
         finally:
             selector.close()
-            if pidfd is not None:
-                os.close(pidfd)
+            os.close(self._wake_r)
+            with self._lock:
+                os.close(self._wake_w)
+                self._wake_w = -1
+
+    def _take_incoming(self, selector: selectors.BaseSelector, watched: set[_Watch]) -> set[_Watch]:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for watch in incoming:
+            process = watch.process
+            assert process.stdout is not None and process.stderr is not None
+            selector.register(process.stdout.fileno(), selectors.EVENT_READ, (watch, _STDOUT))
+            selector.register(process.stderr.fileno(), selectors.EVENT_READ, (watch, _STDERR))
+            if watch.pidfd is not None:
+                selector.register(watch.pidfd, selectors.EVENT_READ, (watch, _EXIT))
+            watched.add(watch)
+        return set(incoming)
+
+    @staticmethod
+    def _on_ready(selector: selectors.BaseSelector, watch: _Watch, what: str, fd: int) -> None:
+        if what == _EXIT:
+            selector.unregister(fd)
+            watch.exited_at = time.monotonic()
+            return
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except OSError:
+            chunk = b""
+        if chunk:
+            watch.buffers[what].feed(chunk)
+        else:
+            selector.unregister(fd)
+            watch.open_pipes -= 1
+
+    def _check(self, w: _Watch, now: float) -> tuple[bool, float]:
+        """Act on what is due for one run: (whether it has ended, when to look again)."""
+        if w.stop is None:
+            if w.request.cancel.is_set() or self._closing.is_set():
+                w.stop = "cancel"
+            elif w.deadline is not None and self._clock.monotonic() >= w.deadline:
+                w.stop = "timeout"
+            if w.stop is not None:
+                _killpg(w.pgid, signal.SIGTERM)
+                w.term_sent_at = now
+        if w.exited_at is None and w.pidfd is None and _has_exited(w.process.pid):
+            w.exited_at = now
+        if w.exited_at is not None and w.open_pipes == 0:
+            return True, now
+        if (
+            w.term_sent_at is not None
+            and not w.kill_sent
+            and now >= w.term_sent_at + self._kill_grace
+        ):
+            _killpg(w.pgid, signal.SIGKILL)
+            w.kill_sent = True
+        if (
+            w.exited_at is not None
+            and w.give_up_at is None
+            and now >= w.exited_at + self._output_grace
+        ):
+            # The main process is gone but something still holds a pipe open.
+            _killpg(w.pgid, signal.SIGKILL)
+            w.give_up_at = now + _DRAIN_AFTER_KILL
+        if w.give_up_at is not None and now >= w.give_up_at:
+            return True, now  # a pipe holder escaped the group: leave it what it wrote
+        timer = now + _POLL_INTERVAL
+        if w.stop is None and w.deadline is not None:
+            timer = min(timer, now + max(0.0, w.deadline - self._clock.monotonic()))
+        for at in (
+            w.term_sent_at + self._kill_grace
+            if w.term_sent_at is not None and not w.kill_sent
+            else None,
+            w.exited_at + self._output_grace if w.exited_at is not None else None,
+            w.give_up_at,
+        ):
+            if at is not None:
+                timer = min(timer, at)
+        return False, timer
+
+    def _end(self, selector: selectors.BaseSelector, watch: _Watch) -> None:
+        """Reap the run, kill what is left of its group, and end its attempt."""
+        process = watch.process
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            for fd in (process.stdout.fileno(), process.stderr.fileno(), watch.pidfd):
+                if fd is not None and fd in selector.get_map():
+                    selector.unregister(fd)
+            if watch.pidfd is not None:
+                os.close(watch.pidfd)
             # The main process has exited but is not reaped yet, so the pgid cannot
             # have been reused: whatever is left of the group is ours to kill.
-            _killpg(live.pgid, signal.SIGKILL)
+            _killpg(watch.pgid, signal.SIGKILL)
             process.stdout.close()
             process.stderr.close()
             returncode = process.wait()
+            outcome = self._outcome(watch, returncode)
+        except Exception as exc:  # never leave an attempt without an end
+            log.exception("run %s: ending it failed", watch.request.run_id)
+            outcome = RunOutcome(
+                ok=False,
+                exit_code=None,
+                started_at=watch.started_at,
+                ended_at=self._clock.now(),
+                reason=f"supervising the process failed: {exc}",
+            )
+        with self._lock:
+            self._live.pop(watch.pgid, None)
+        try:
+            watch.attempt.end(outcome)
+        finally:
+            self._release()
 
-        ended_at = self._clock.now()
-        stdout, out_truncated = buffers[_STDOUT].result()
-        stderr, err_truncated = buffers[_STDERR].result()
+    def _outcome(self, watch: _Watch, returncode: int) -> RunOutcome:
+        request = watch.request
+        stdout, out_truncated = watch.buffers[_STDOUT].result()
+        stderr, err_truncated = watch.buffers[_STDERR].result()
         exit_code: int | None = returncode if returncode >= 0 else None
-        timed_out = stop == "timeout"
-        cancelled = stop == "cancel"
+        timed_out = watch.stop == "timeout"
+        cancelled = watch.stop == "cancel"
         if timed_out:
             assert request.timeout is not None
             reason = f"timed out after {format_duration(request.timeout)}"
@@ -249,8 +441,8 @@ class LocalRunner(Runner):
         return RunOutcome(
             ok=returncode == 0 and not timed_out and not cancelled,
             exit_code=exit_code,
-            started_at=started_at,
-            ended_at=ended_at,
+            started_at=watch.started_at,
+            ended_at=self._clock.now(),
             stdout=stdout,
             stderr=stderr,
             output_truncated=out_truncated or err_truncated,
@@ -258,87 +450,6 @@ class LocalRunner(Runner):
             timed_out=timed_out,
             cancelled=cancelled,
         )
-
-    def _read_until_done(
-        self,
-        request: RunRequest,
-        live: _Live,
-        selector: selectors.BaseSelector,
-        buffers: dict[str, BoundedBuffer],
-        have_pidfd: bool,
-    ) -> str | None:
-        """Read the pipes until the main process has exited and they are closed (or given up).
-
-        Returns why the run was stopped ("timeout", "cancel") or None. Leaves
-        the main process exited but unreaped.
-        """
-        deadline = (
-            self._clock.monotonic() + request.timeout.total_seconds()
-            if request.timeout is not None
-            else None
-        )
-        stop: str | None = None
-        term_sent_at: float | None = None  # time.monotonic() of the SIGTERM
-        kill_sent = False
-        exited_at: float | None = None  # time.monotonic() when the main process exit was seen
-        give_up_at: float | None = None  # stop waiting for EOF after the final SIGKILL
-        open_pipes = 2
-
-        while True:
-            now = time.monotonic()
-            if stop is None:
-                if request.cancel.is_set() or self._closing.is_set():
-                    stop = "cancel"
-                elif deadline is not None and self._clock.monotonic() >= deadline:
-                    stop = "timeout"
-                if stop is not None:
-                    _killpg(live.pgid, signal.SIGTERM)
-                    term_sent_at = now
-            if exited_at is None and not have_pidfd and _has_exited(live.process.pid):
-                exited_at = now
-            if exited_at is not None and open_pipes == 0:
-                return stop
-            if (
-                term_sent_at is not None
-                and not kill_sent
-                and now >= term_sent_at + self._kill_grace
-            ):
-                _killpg(live.pgid, signal.SIGKILL)
-                kill_sent = True
-            if (
-                exited_at is not None
-                and give_up_at is None
-                and now >= exited_at + self._output_grace
-            ):
-                # The main process is gone but something still holds a pipe open.
-                _killpg(live.pgid, signal.SIGKILL)
-                give_up_at = now + _DRAIN_AFTER_KILL
-            if give_up_at is not None and now >= give_up_at:
-                return stop  # a pipe holder escaped the group: leave it what it wrote
-
-            # Sleep until the next thing to look at, but no longer than the poll interval.
-            wake = now + _POLL_INTERVAL
-            if stop is None and deadline is not None:
-                wake = min(wake, now + max(0.0, deadline - self._clock.monotonic()))
-            for at in (
-                term_sent_at + self._kill_grace if term_sent_at is not None else None,
-                exited_at + self._output_grace if exited_at is not None else None,
-                give_up_at,
-            ):
-                if at is not None:
-                    wake = min(wake, at)
-            for key, _ in selector.select(max(0.0, wake - now)):
-                if key.data == _EXIT:
-                    selector.unregister(key.fd)
-                    exited_at = time.monotonic()
-                    continue
-                fd = key.fd
-                chunk = os.read(fd, _READ_SIZE)
-                if chunk:
-                    buffers[key.data].feed(chunk)
-                else:
-                    selector.unregister(fd)
-                    open_pipes -= 1
 
 
 def _open_pidfd(pid: int) -> int | None:
