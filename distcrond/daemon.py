@@ -36,6 +36,8 @@ from distcrond.stores import open_coordination, open_reports
 log = logging.getLogger("distcrond.daemon")
 
 SWITCH_INTERVAL = 0.0005  # seconds
+# How often, at most, the main thread wakes to run the signal handlers Python has queued.
+SIGNAL_CHECK = 0.25
 
 
 def snapshot_of(peer_id: str, config: LoadedConfig) -> ConfigSnapshot:
@@ -154,7 +156,11 @@ class Daemon:
             # Stop scheduling before abdicating, so that no pass is fenced out mid-way.
             stack.callback(monitor.revoke_leadership)
 
-            self._stop.wait()
+            # A timed wait: a signal that the kernel hands to another thread leaves the main
+            # thread's untimed lock wait asleep, and Python runs handlers on the main thread
+            # only (seen: a SIGTERM ignored until SIGKILL while runs were being spawned).
+            while not self._stop.wait(SIGNAL_CHECK):
+                pass
             log.info("stopping peer %s", s.peer_id)
         log.info("peer %s stopped", s.peer_id)
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import signal
@@ -296,6 +297,20 @@ def test_sigint_stops_the_peer_like_sigterm(peer: Peer) -> None:
     peer.signal(signal.SIGINT)
     assert peer.proc is not None
     assert peer.proc.wait(30) == 0
+
+
+def test_sigterm_received_by_a_thread_other_than_the_main_one_stops_the_peer(
+    peer: Peer,
+) -> None:
+    """Python runs signal handlers on the main thread only: the daemon must notice a
+    SIGTERM that the kernel handed to any of its threads (tgkill picks one here)."""
+    peer.start()
+    assert peer.proc is not None
+    pid = peer.proc.pid
+    other = next(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.tgkill(pid, other, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+    assert peer.proc.wait(10) == 0
 
 
 def test_run_interrupted_by_a_crash_ends_unknown_and_is_not_run_again(

@@ -8,6 +8,7 @@ import resource
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -411,19 +412,36 @@ def test_pipe_held_by_a_process_outside_the_group_does_not_hang(
 def test_start_returns_at_once_and_one_thread_supervises_every_run(tmp_path: Path) -> None:
     runner = LocalRunner()
     go = tmp_path / "go"
-    threads_before = threading.active_count()
-    wait_for_go = f"while [ ! -e {go} ]; do sleep 0.01; done"
-    attempts = [runner.start(request(SH, "-c", f"{wait_for_go}; echo {i}")) for i in range(20)]
-    ended: list[RunOutcome] = []
-    attempts[0].when_ended(ended.append)
-    # Every command is spawned and still waiting: start() did not wait for any of them.
-    assert len(runner.live_process_groups()) == 20 and ended == []
-    # One supervisor thread for the twenty runs, not a thread each.
-    assert threading.active_count() - threads_before == 1
-    assert [t.name for t in threading.enumerate()].count("local-runs") == 1
-    go.touch()
-    outcomes = [attempt.wait() for attempt in attempts]
-    assert [o.stdout for o in outcomes] == [f"{i}\n" for i in range(20)]
-    assert all(o.ok for o in outcomes)
-    assert ended == [outcomes[0]]
-    runner.close()
+    threads_before = Counter(t.name for t in threading.enumerate())
+    wait_for_go = f"while [ ! -e {go} ]; do sleep 0.05; done"
+    try:
+        attempts = [runner.start(request(SH, "-c", f"{wait_for_go}; echo {i}")) for i in range(20)]
+        ended: list[RunOutcome] = []
+        attempts[0].when_ended(ended.append)
+        # Every command is spawned and still waiting: start() did not wait for any of them.
+        assert len(runner.live_process_groups()) == 20 and ended == []
+        # One supervisor thread for the twenty runs, not a thread each.
+        new_threads = Counter(t.name for t in threading.enumerate()) - threads_before
+        assert new_threads == Counter({"local-runs": 1})
+        go.touch()
+        outcomes = [attempt.wait() for attempt in attempts]
+        assert [o.stdout for o in outcomes] == [f"{i}\n" for i in range(20)]
+        assert all(o.ok for o in outcomes)
+        assert ended == [outcomes[0]]
+    finally:
+        go.touch()
+        runner.close()
+
+
+def test_while_runs_are_being_started_the_supervisor_puts_off_its_work(tmp_path: Path) -> None:
+    runner = LocalRunner()
+    try:
+        with runner.starting():
+            attempt = runner.start(request(SH, "-c", "echo quick"))
+            first_end = threading.Event()
+            attempt.when_ended(lambda _outcome: first_end.set())
+            # The command ends at once, but its run is not ended while starts go on.
+            assert not first_end.wait(0.3)
+        assert attempt.wait().stdout == "quick\n"
+    finally:
+        runner.close()

@@ -7,9 +7,11 @@ missing binary, a bad working directory or a timeout are outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -103,6 +105,12 @@ class Runner(ABC):
     @abstractmethod
     def run(self, request: RunRequest) -> RunOutcome:
         """Run one attempt to its end (blocking) and return what happened."""
+
+    def starting(self) -> AbstractContextManager[None]:
+        """A context in which the caller starts several runs one after the other: the
+        runner may put off its other work (reading the output of runs going on) until
+        the context ends, so that the starts go first. This default puts off nothing."""
+        return contextlib.nullcontext()
 
     def start(self, request: RunRequest) -> Attempt:
         """Start one attempt. This default runs it to its end first (see

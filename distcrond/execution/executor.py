@@ -18,6 +18,7 @@ finds, on restart, a report that tells the run's real outcome.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -189,7 +190,7 @@ class Executor:
                 while self._unclaimed and (stopping or self._unclaimed[0][0] - ahead <= now):
                     to_claim.append(heapq.heappop(self._unclaimed)[2])
                 due: list[_Flight] = []
-                while self._ready and (self._ready[0][0] <= now or stopping):
+                while self._ready and self._ready[0][0] <= now:
                     due.append(heapq.heappop(self._ready)[2])
                 if any(item[2].cancel.is_set() for item in self._ready):
                     # Cancelled (replaced, or this peer stops): due at once, to end cancelled.
@@ -205,8 +206,11 @@ class Executor:
                 self._claim_soon(to_claim)
             if due:
                 self._starting = True
-                for flight in due:
-                    self._start(flight)
+                with contextlib.ExitStack() as starting:
+                    for runner in self._runners.values():
+                        starting.enter_context(runner.starting())
+                    for flight in due:
+                        self._start(flight)
                 self._starting = False
             with self._lock:
                 if stopping and not (self._ready or self._unclaimed or self._claiming):

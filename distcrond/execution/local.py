@@ -24,6 +24,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -36,6 +37,8 @@ from distcrond.execution.capture import BoundedBuffer
 _POLL_INTERVAL = 0.05
 # Bytes asked for per read: a Linux pipe holds 64 KiB by default.
 _READ_SIZE = 65536
+# How long, at most, the supervisor puts its work off while runs are being started.
+_MAX_HOLD = 1.0
 # After the leftovers of a group were SIGKILLed, how long to wait for the pipes to
 # reach end-of-file before giving up on them (a holder that left the group survives).
 _DRAIN_AFTER_KILL = 0.5
@@ -139,6 +142,7 @@ class LocalRunner(Runner):
         self._active = 0  # runs started and not ended, spawned or about to be
         self._closing = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._starting = 0  # callers inside starting()
         self._wake_r = self._wake_w = -1
 
     # -- public ---------------------------------------------------------------
@@ -172,6 +176,22 @@ class LocalRunner(Runner):
             self._incoming.append(spawned)
         self._wake()
         return spawned.attempt
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """While the caller starts runs, the supervisor waits (at most _MAX_HOLD seconds)
+        before it reads output and ends runs: two hundred runs due at once are spawned
+        without the supervisor competing for the interpreter and the CPUs. The pipes
+        hold what the runs write meanwhile (64 KiB each; a run that writes more waits)."""
+        with self._lock:
+            self._starting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._starting -= 1
+                self._lock.notify_all()
+            self._wake()
 
     def close(self) -> None:
         """Stop every run still going and wait until their process groups are gone.
@@ -282,6 +302,12 @@ class LocalRunner(Runner):
                     with self._lock:
                         if self._active == 0 and not self._incoming:
                             return
+                if self._starting:
+                    with self._lock:
+                        self._lock.wait_for(
+                            lambda: not self._starting or self._closing.is_set(),
+                            timeout=_MAX_HOLD,
+                        )
                 timeout = max(0.0, next_scan - time.monotonic()) if watched else None
                 for key, _ in selector.select(timeout):
                     if key.data is None:
