@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import StoreUnavailable
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.execution.base import Attempt, RunRequest
-from distcrond.execution.executor import Executor
+from distcrond.execution.executor import SETTLE_DEFER, Executor, _Flight
 from distcrond.execution.local import LocalRunner
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
@@ -417,3 +418,28 @@ def test_a_run_is_claimed_ahead_of_its_slot_and_started_at_it(h: Harness, tmp_pa
     assert report.state is RunState.SUCCEEDED
     assert report.started_at is not None and report.started_at >= slot
     assert float(started.read_text()) >= slot.timestamp()
+
+
+def test_settling_waits_while_the_starter_is_starting_runs(h: Harness) -> None:
+    ex = h.executor
+    ex._starting = True  # as the starter sets it around a batch of starts
+    settled_may_go = threading.Event()
+    waiter = threading.Thread(target=lambda: (ex._yield_to_starts(), settled_may_go.set()))
+    waiter.start()
+    assert not settled_may_go.wait(0.2)
+    ex._starting = False
+    assert settled_may_go.wait(5)
+    waiter.join(5)
+
+
+def test_settling_does_not_wait_on_a_start_that_is_already_overdue(h: Harness) -> None:
+    """A late starter is busy: waiting for it would only keep ended runs 'running'
+    (and a `forbid` job's next slot skipped)."""
+    ex = h.executor
+    record = h.assign(h.job("late").id)
+    overdue = _Flight(record, datetime.now(UTC) - timedelta(seconds=1))
+    with ex._lock:
+        ex._ready.append((overdue.start_at, 0, overdue))
+    began = time.monotonic()
+    ex._yield_to_starts()
+    assert time.monotonic() - began < SETTLE_DEFER / 2

@@ -301,9 +301,12 @@ class CoordinationStore(ABC):
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
 
-    # True when claim_runs claims many runs in one write (the executor then batches the
-    # claims of runs due together); the default claims one after the other.
-    claims_in_batches: bool = False
+    # True for a single-writer store (SQLite), where claim_runs claims many runs in one
+    # write: the executor then claims the runs due together in one call, and finishes
+    # the runs that end together one after the other on one thread. False where
+    # concurrent writes overlap (ZooKeeper): each run is then claimed and finished by a
+    # call of its own, side by side; the default claim_runs claims one after the other.
+    writes_in_batches: bool = False
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime

@@ -488,7 +488,7 @@ class SQLiteCoordinationStore(CoordinationStore):
         """assigned -> running, if assigned to ``peer_id``; the updated record, else None."""
         return self.claim_runs([run_id], peer_id, started_at).get(run_id)
 
-    claims_in_batches = True
+    writes_in_batches = True
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime

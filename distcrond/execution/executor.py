@@ -57,7 +57,7 @@ CLAIM_AHEAD = 0.1
 # Ended runs are settled once no start is due within START_FIRST seconds, or after
 # SETTLE_DEFER seconds at the latest.
 START_FIRST = 0.002
-SETTLE_DEFER = 1.0
+SETTLE_DEFER = 0.5
 
 
 @dataclass(eq=False)
@@ -226,7 +226,7 @@ class Executor:
             started_at = max(self._clock.now(), flight.start_at)
             groups.setdefault(started_at, []).append(flight)
         for started_at, group in groups.items():
-            batches = [group] if self._coordination.claims_in_batches else [[f] for f in group]
+            batches = [group] if self._coordination.writes_in_batches else [[f] for f in group]
             for batch in batches:
                 with self._lock:
                     self._claiming += 1
@@ -482,6 +482,8 @@ class Executor:
         while True:
             try:
                 self._settles.submit(report.run_id, report)
+                if not self._coordination.writes_in_batches:
+                    self._finish(report)  # side by side with the other runs' finishes
                 return
             except StoreUnavailable as e:
                 if self._clock.monotonic() > deadline:
@@ -494,18 +496,23 @@ class Executor:
                 delay = min(delay * 2, 5.0)
 
     def _settle_batch(self, items: Sequence[tuple[str, RunReport]]) -> dict[str, bool]:
-        """The reports first, then the terminal states (so a state never lacks its report)."""
+        """The reports first, then (where the store writes in batches) the terminal states:
+        a state never lacks its report."""
         reports = [report for _, report in items]
         self._reports.write(reports)
-        for report in reports:
-            self._coordination.finish_run(
-                report.run_id,
-                report.state,
-                ended_at=report.ended_at or self._clock.now(),
-                exit_code=report.exit_code,
-                reason=report.reason,
-            )
+        if self._coordination.writes_in_batches:
+            for report in reports:
+                self._finish(report)
         return {run_id: True for run_id, _ in items}
+
+    def _finish(self, report: RunReport) -> None:
+        self._coordination.finish_run(
+            report.run_id,
+            report.state,
+            ended_at=report.ended_at or self._clock.now(),
+            exit_code=report.exit_code,
+            reason=report.reason,
+        )
 
     def _yield_to_starts(self) -> None:
         """Settling can wait; starting cannot: while runs are being started or are due to
@@ -515,7 +522,10 @@ class Executor:
         soon = timedelta(seconds=START_FIRST)
         while self._clock.monotonic() < deadline:
             with self._lock:
-                due = bool(self._ready) and self._ready[0][0] <= self._clock.now() + soon
+                now = self._clock.now()
+                # (A start already overdue is the starter's to make: it is busy, or about
+                # to be, and ``_starting`` says so; waiting on it would only add delay.)
+                due = bool(self._ready) and now <= self._ready[0][0] <= now + soon
             if not (due or self._starting):
                 return
             self._clock.wait(self._never, START_FIRST)
