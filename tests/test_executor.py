@@ -14,7 +14,7 @@ import pytest
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
-from distcrond.coordination.base import StoreUnavailable
+from distcrond.coordination.base import ClaimInterrupted, StoreUnavailable
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.execution.base import Attempt, RunRequest
 from distcrond.execution.executor import SETTLE_DEFER, Executor, _Flight
@@ -443,3 +443,37 @@ def test_settling_does_not_wait_on_a_start_that_is_already_overdue(h: Harness) -
     began = time.monotonic()
     ex._yield_to_starts()
     assert time.monotonic() - began < SETTLE_DEFER / 2
+
+
+class InterruptedCoordination(SQLiteCoordinationStore):
+    """The real store, losing its connection once after claiming the first run of a batch."""
+
+    interruptions = 1
+
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        if self.interruptions > 0 and len(run_ids) > 1:
+            self.interruptions -= 1
+            first = super().claim_runs(run_ids[:1], peer_id, started_at)
+            raise ClaimInterrupted(StoreUnavailable("connection lost"), first)
+        return super().claim_runs(run_ids, peer_id, started_at)
+
+
+def test_runs_claimed_before_a_claim_batch_was_interrupted_start_and_the_rest_are_retried(
+    h: Harness, tmp_path: Path
+) -> None:
+    store = InterruptedCoordination(tmp_path / "interrupted.sqlite3")
+    listener = Listener()
+    store.start_election("p1", listener)
+    assert listener.ready.wait(5) and listener.epoch is not None
+    h.coordination, h.epoch = store, listener.epoch
+    slot = datetime.now(UTC) + timedelta(seconds=0.3)
+    ids = [h.assign(h.job(f"batch-{i}").id, slot=slot).run_id for i in range(3)]
+    h.executor = Executor(store, h.reports, {"local": h.runner}, lambda: h.config, "p1", h.clock)
+    h.executor.start()
+    reports = [h.wait_report(run_id) for run_id in ids]
+    assert [r.state for r in reports] == [RunState.SUCCEEDED] * 3
+    assert store.interruptions == 0
+    h.executor.stop(grace=1)
+    store.close()

@@ -40,6 +40,15 @@ class StoreUnavailable(Exception):
     """The store cannot be reached now (network, session suspended...)."""
 
 
+class ClaimInterrupted(StoreUnavailable):
+    """claim_runs lost the store part-way: ``claimed`` were claimed (they are the
+    caller's to run), the others were not, and may be claimed again later."""
+
+    def __init__(self, cause: StoreUnavailable, claimed: dict[str, RunRecord]) -> None:
+        super().__init__(str(cause))
+        self.claimed = claimed
+
+
 @dataclass(frozen=True)
 class StoreStatus:
     ok: bool
@@ -216,6 +225,12 @@ def finish_change(
     return change
 
 
+def claimed_record(record: RunRecord, started_at: datetime) -> RunRecord:
+    """The record of a run claimed at ``started_at``: running, started then or at its
+    slot, whichever is later (a run claimed ahead of its slot starts at its slot)."""
+    return record.replace(state=RunState.RUNNING, started_at=max(started_at, record.slot))
+
+
 def cancel_change(record: RunRecord) -> RunRecord | None:
     """The record change of ``request_cancel`` (every backend's)."""
     if record.state.terminal or record.cancel_requested:
@@ -301,20 +316,28 @@ class CoordinationStore(ABC):
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """Compare-and-set assigned -> running for ``peer_id``; None if not claimable."""
 
-    # True for a single-writer store (SQLite), where claim_runs claims many runs in one
-    # write: the executor then claims the runs due together in one call, and finishes
-    # the runs that end together one after the other on one thread. False where
-    # concurrent writes overlap (ZooKeeper): each run is then claimed and finished by a
-    # call of its own, side by side; the default claim_runs claims one after the other.
-    writes_in_batches: bool = False
+    # True when claim_runs claims many runs in one write (SQLite: one transaction;
+    # ZooKeeper: one multi-operation transaction): the executor then claims the runs that
+    # arrive together in one call. The default claims one after the other.
+    claims_in_batches: bool = False
+    # True for a single-writer store (SQLite): the executor finishes the runs that end
+    # together one after the other on one thread. False where concurrent writes overlap
+    # (ZooKeeper): each run is finished by its own thread, side by side.
+    finishes_in_batches: bool = False
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime
     ) -> dict[str, RunRecord]:
-        """:meth:`claim_run` for each run id: the ones claimed, by id."""
+        """:meth:`claim_run` for each run id: the ones claimed, by id. A run claimed ahead of
+        its slot is recorded as started at its slot (:func:`claimed_record`)."""
         claimed: dict[str, RunRecord] = {}
         for run_id in run_ids:
-            record = self.claim_run(run_id, peer_id, started_at)
+            try:
+                record = self.claim_run(run_id, peer_id, started_at)
+            except StoreUnavailable as e:
+                if claimed:
+                    raise ClaimInterrupted(e, claimed) from e
+                raise
             if record is not None:
                 claimed[run_id] = record
         return claimed

@@ -57,6 +57,7 @@ from distcrond.coordination.base import (
     StoreUnavailable,
     TriggerRequest,
     cancel_change,
+    claimed_record,
     finish_change,
     update_change,
 )
@@ -488,7 +489,8 @@ class SQLiteCoordinationStore(CoordinationStore):
         """assigned -> running, if assigned to ``peer_id``; the updated record, else None."""
         return self.claim_runs([run_id], peer_id, started_at).get(run_id)
 
-    writes_in_batches = True
+    claims_in_batches = True
+    finishes_in_batches = True
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime
@@ -503,7 +505,7 @@ class SQLiteCoordinationStore(CoordinationStore):
                 record = RunRecord.from_json(json.loads(row[0]))
                 if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
                     continue
-                claimed[run_id] = record.replace(state=RunState.RUNNING, started_at=started_at)
+                claimed[run_id] = claimed_record(record, started_at)
             conn.executemany(
                 "UPDATE runs SET job_id = ?, slot_us = ?, peer_id = ?, state = ?, "
                 "cancel_requested = ?, ended_us = ?, data = ? WHERE run_id = ?",

@@ -67,6 +67,7 @@ from kazoo.security import make_digest_acl
 
 from distcrond.clock import Clock
 from distcrond.coordination.base import (
+    ClaimInterrupted,
     ConfigSnapshot,
     CoordinationStore,
     FencedOut,
@@ -78,6 +79,7 @@ from distcrond.coordination.base import (
     StoreUnavailable,
     TriggerRequest,
     cancel_change,
+    claimed_record,
     finish_change,
     update_change,
 )
@@ -105,6 +107,8 @@ _ZLIB_PREFIX = b"zlib:"
 _RETRYABLE = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
 # Attempts of one compare-and-set loop before giving up (contention, not outages).
 _CAS_ATTEMPTS = 50
+# Runs claimed in one transaction at most (each adds two operations and ~1 KB to it).
+_CLAIM_BATCH = 100
 
 
 def _encode(record: RunRecord) -> bytes:
@@ -796,7 +800,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 if got is None:
                     return None
                 record = _decode(got[0])
-                claimed = record.replace(state=RunState.RUNNING, started_at=started_at)
+                claimed = claimed_record(record, started_at)
                 if lost and record == claimed and record.peer_id == peer_id:
                     return record  # the attempt whose reply was lost did commit
                 if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
@@ -825,6 +829,76 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             with self._lock:
                 self._heartbeats.add(run_id)
         return claimed
+
+    claims_in_batches = True
+
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        """:meth:`claim_run` of many runs in one multi-operation transaction (each run's
+        compare-and-set and heartbeat create), _CLAIM_BATCH runs at most per transaction.
+        When a transaction fails (a run changed meanwhile, a heartbeat was left over), its
+        runs are claimed one by one, which sorts out each case."""
+        if self._client.state != KazooState.CONNECTED:
+            raise StoreUnavailable(f"ZooKeeper session is {self._client.state}: not claiming")
+        ids = [r for r in dict.fromkeys(run_ids) if _job_of(r) is not None]
+        claimed: dict[str, RunRecord] = {}
+        try:
+            self._claim_chunks(ids, peer_id, started_at, claimed)
+        except StoreUnavailable as e:
+            if claimed:
+                raise ClaimInterrupted(e, claimed) from e
+            raise
+        return claimed
+
+    def _claim_chunks(
+        self, ids: list[str], peer_id: str, started_at: datetime, claimed: dict[str, RunRecord]
+    ) -> None:
+        for start in range(0, len(ids), _CLAIM_BATCH):
+            chunk = ids[start : start + _CLAIM_BATCH]
+            one_by_one: list[str] = chunk
+            if len(chunk) > 1:
+
+                def attempt(
+                    lost: bool, chunk: list[str] = chunk
+                ) -> tuple[dict[str, RunRecord], list[str]]:
+                    return self._claim_batch(chunk, peer_id, started_at, lost)
+
+                done, one_by_one = self._retry(attempt)
+                with self._lock:
+                    self._heartbeats.update(done)
+                claimed.update(done)
+            for run_id in one_by_one:
+                record = self.claim_run(run_id, peer_id, started_at)
+                if record is not None:
+                    claimed[run_id] = record
+
+    def _claim_batch(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime, lost: bool
+    ) -> tuple[dict[str, RunRecord], list[str]]:
+        """One attempt: (the runs claimed, the runs left to claim one by one)."""
+        paths = [self._paths.run(_job_of(r) or "", r) for r in run_ids]
+        claimed: dict[str, RunRecord] = {}
+        planned: dict[str, RunRecord] = {}
+        txn = self._client.transaction()
+        for run_id, path, got in zip(run_ids, paths, self._get_many(paths), strict=True):
+            if got is None:
+                continue
+            record = _decode(got[0])
+            mine = claimed_record(record, started_at)
+            if lost and record == mine and record.peer_id == peer_id:
+                claimed[run_id] = record  # an attempt whose reply was lost did commit
+                continue
+            if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
+                continue
+            txn.set_data(path, _encode(mine), version=got[1].version)
+            txn.create(self._paths.heartbeat(run_id), b"", self._acl, ephemeral=True)
+            planned[run_id] = mine
+        if not planned:
+            return claimed, []
+        if _failure(self._wait(txn.commit_async())) is None:
+            return {**claimed, **planned}, []
+        return claimed, list(planned)
 
     def executing_runs(self) -> set[str]:
         """The runs with a heartbeat: claimed by a session that is still alive."""

@@ -33,7 +33,7 @@ from distcrond.batching import Combiner
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
-from distcrond.coordination.base import CoordinationStore, StoreUnavailable
+from distcrond.coordination.base import ClaimInterrupted, CoordinationStore, StoreUnavailable
 from distcrond.execution.base import Attempt, Runner, RunOutcome, RunRequest
 from distcrond.execution.health import NodeHealthTracker
 from distcrond.recovery import settle_abandoned
@@ -219,24 +219,23 @@ class Executor:
             self._clock.wait(self._starter_wake, wait if not stopping else min(wait, 0.05))
 
     def _claim_soon(self, flights: list[_Flight]) -> None:
-        """Claim on the pool: runs of the same instant in one write, where the store can;
-        else each on its own (their writes then overlap)."""
-        groups: dict[datetime, list[_Flight]] = {}
-        for flight in flights:
-            started_at = max(self._clock.now(), flight.start_at)
-            groups.setdefault(started_at, []).append(flight)
-        for started_at, group in groups.items():
-            batches = [group] if self._coordination.writes_in_batches else [[f] for f in group]
-            for batch in batches:
+        """Claim on the pool: the runs that arrived together in one write, where the store
+        can; else each on its own (their writes then overlap). The store records a run
+        claimed ahead of its slot as started at its slot."""
+        if not flights:
+            return
+        now = self._clock.now()
+        batches = [flights] if self._coordination.claims_in_batches else [[f] for f in flights]
+        for batch in batches:
+            with self._lock:
+                self._claiming += 1
+            try:
+                self._pool.submit(self._claim, batch, now)
+            except RuntimeError:  # the pool is shutting down: the runs stay assigned
+                for flight in batch:
+                    self._done(flight.record.run_id)
                 with self._lock:
-                    self._claiming += 1
-                try:
-                    self._pool.submit(self._claim, batch, started_at)
-                except RuntimeError:  # the pool is shutting down: the runs stay assigned
-                    for flight in batch:
-                        self._done(flight.record.run_id)
-                    with self._lock:
-                        self._claiming -= 1
+                    self._claiming -= 1
 
     def _claim(self, flights: list[_Flight], started_at: datetime) -> None:
         """Claim the runs; while the store refuses (a suspended session starts nothing),
@@ -246,19 +245,22 @@ class Executor:
         try:
             delay = 0.1
             ids = [f.record.run_id for f in flights]
+            claimed: dict[str, RunRecord] = {}
             while True:
                 try:
-                    claimed = self._coordination.claim_runs(ids, self._peer_id, started_at)
+                    claimed.update(self._coordination.claim_runs(ids, self._peer_id, started_at))
                     break
+                except ClaimInterrupted as e:  # those are ours: the others are tried again
+                    claimed.update(e.claimed)
+                    ids = [run_id for run_id in ids if run_id not in claimed]
+                    log.warning("runs %s: cannot claim them yet (%s); retrying", ", ".join(ids), e)
                 except StoreUnavailable as e:
                     log.warning("runs %s: cannot claim them yet (%s); retrying", ", ".join(ids), e)
                 except Exception:
                     log.exception("runs %s: claiming failed", ", ".join(ids))
-                    claimed = {}
                     break
-                if self._stopping or self._clock.wait(threading.Event(), delay) or self._stopping:
-                    claimed = {}
-                    break
+                if self._stopping or self._clock.wait(self._never, delay) or self._stopping:
+                    break  # the runs not claimed stay assigned, for a later start
                 delay = min(delay * 2, 2.0)
             with self._lock:
                 for flight in flights:
@@ -279,22 +281,36 @@ class Executor:
         then leave the rest (waiting, retries, settling) to a thread of the pool."""
         record = flight.claimed
         assert record is not None
+        checked = self._check_claimed(record)  # once: a run started is not missed later
         first: Attempt | None = None
-        try:
-            checked = self._check_claimed(record)
-            if len(checked) == 3:
-                job, node, runner = checked
-                if runner.starts_without_blocking:
-                    first = runner.start(self._request(record, job, node, 1, flight))
-        except Exception:
-            log.exception("run %s: starting it failed", record.run_id)
-        self._pool.submit(self._execute, flight, first)
+        if len(checked) == 3 and checked[2].starts_without_blocking:
+            job, node, runner = checked
+            started_at = self._clock.now()
+            try:
+                first = runner.start(self._request(record, job, node, 1, flight))
+            except Exception as e:  # it may have started: it is not started again
+                log.exception("run %s: starting it failed", record.run_id)
+                first = Attempt.ended(
+                    RunOutcome(
+                        ok=False,
+                        exit_code=None,
+                        started_at=started_at,
+                        ended_at=self._clock.now(),
+                        reason=f"starting it failed: {e!r}",
+                    )
+                )
+        self._pool.submit(self._execute, flight, checked, first)
 
-    def _execute(self, flight: _Flight, first: Attempt | None) -> None:
+    def _execute(
+        self,
+        flight: _Flight,
+        checked: tuple[JobSpec, NodeSpec, Runner] | tuple[RunState, str],
+        first: Attempt | None,
+    ) -> None:
         record = flight.claimed
         assert record is not None
         try:
-            self._run_claimed(record, flight, first)
+            self._run_claimed(record, flight, checked, first)
         except Exception:
             log.exception("run %s: executor error", record.run_id)
         finally:
@@ -319,8 +335,13 @@ class Executor:
             return RunState.MISSED, f"not started within the misfire grace ({late} late)"
         return job, node, runner
 
-    def _run_claimed(self, record: RunRecord, flight: _Flight, first: Attempt | None) -> None:
-        checked = self._check_claimed(record)
+    def _run_claimed(
+        self,
+        record: RunRecord,
+        flight: _Flight,
+        checked: tuple[JobSpec, NodeSpec, Runner] | tuple[RunState, str],
+        first: Attempt | None,
+    ) -> None:
         if len(checked) == 2:
             self._finish_without_running(record, *checked)
             return
@@ -482,7 +503,7 @@ class Executor:
         while True:
             try:
                 self._settles.submit(report.run_id, report)
-                if not self._coordination.writes_in_batches:
+                if not self._coordination.finishes_in_batches:
                     self._finish(report)  # side by side with the other runs' finishes
                 return
             except StoreUnavailable as e:
@@ -500,7 +521,7 @@ class Executor:
         a state never lacks its report."""
         reports = [report for _, report in items]
         self._reports.write(reports)
-        if self._coordination.writes_in_batches:
+        if self._coordination.finishes_in_batches:
             for report in reports:
                 self._finish(report)
         return {run_id: True for run_id, _ in items}

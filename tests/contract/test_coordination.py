@@ -682,3 +682,27 @@ def test_active_run_ids_are_the_ids_of_the_active_runs(
     assert coordination.active_run_ids() == {first.run_id, second.run_id}
     coordination.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=slot(1), exit_code=0)
     assert coordination.active_run_ids() == {second.run_id}
+
+
+def test_claim_runs_claims_the_claimable_ones_in_one_call(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    mine = [assigned("backup", i) for i in range(5)]
+    theirs = assigned("report", 0, peer_id="p2")
+    taken = assigned("sync", 0)
+    coordination.record_runs(epoch, [*mine, theirs, taken])
+    assert coordination.claim_run(taken.run_id, "p1", slot(0)) is not None
+    now = slot(2) + timedelta(seconds=1)  # after the first three slots, before the others
+
+    ids = [r.run_id for r in [*mine, theirs, taken]] + ["nope@2026-01-01T00:00:00.000000Z"]
+    claimed = coordination.claim_runs(ids, "p1", now)
+
+    assert sorted(claimed) == sorted(r.run_id for r in mine)
+    for record in mine:
+        # Claimed ahead of its slot, a run is recorded as started at its slot.
+        started = max(now, record.slot)
+        assert claimed[record.run_id] == record.replace(state=RunState.RUNNING, started_at=started)
+        assert coordination.get_run(record.run_id) == claimed[record.run_id]
+    assert coordination.claim_runs(ids, "p1", now) == {}  # nothing is claimed twice
+    theirs_now = coordination.get_run(theirs.run_id)
+    assert theirs_now is not None and theirs_now.state is RunState.ASSIGNED
