@@ -209,8 +209,10 @@ class Executor:
                 with contextlib.ExitStack() as starting:
                     for runner in self._runners.values():
                         starting.enter_context(runner.starting())
-                    for flight in due:
-                        self._start(flight)
+                    started = [self._start(flight) for flight in due]
+                # Their threads are woken after the batch, not between two spawns.
+                for flight, checked, first in started:
+                    self._pool.submit(self._execute, flight, checked, first)
                 self._starting = False
             with self._lock:
                 if stopping and not (self._ready or self._unclaimed or self._claiming):
@@ -276,9 +278,11 @@ class Executor:
                 self._claiming -= 1
             self._starter_wake.set()
 
-    def _start(self, flight: _Flight) -> None:
-        """Start a claimed run at its instant: spawn it here when its runner does not block,
-        then leave the rest (waiting, retries, settling) to a thread of the pool."""
+    def _start(
+        self, flight: _Flight
+    ) -> tuple[_Flight, tuple[JobSpec, NodeSpec, Runner] | tuple[RunState, str], Attempt | None]:
+        """Start a claimed run at its instant: spawn it here when its runner does not block.
+        The rest (waiting, retries, settling) is for a thread of the pool: what it needs."""
         record = flight.claimed
         assert record is not None
         checked = self._check_claimed(record)  # once: a run started is not missed later
@@ -299,7 +303,7 @@ class Executor:
                         reason=f"starting it failed: {e!r}",
                     )
                 )
-        self._pool.submit(self._execute, flight, checked, first)
+        return flight, checked, first
 
     def _execute(
         self,

@@ -101,8 +101,9 @@ class _Watch:
 class LocalRunner(Runner):
     """Runs a :class:`RunRequest` as a local subprocess; never raises for the command's failure.
 
-    - ``argv`` is executed directly (no shell), with the daemon's environment
-      plus ``request.env``, in ``request.working_dir``, stdin from /dev/null.
+    - ``argv`` is executed directly (no shell), with the daemon's environment (as it
+      was when the runner was made) plus ``request.env``, in ``request.working_dir``,
+      stdin from /dev/null.
     - stdout and stderr are captured separately, each bounded to
       ``request.max_output_bytes`` (head and tail kept, see
       :class:`~distcrond.execution.capture.BoundedBuffer`); the pipes are always
@@ -134,6 +135,9 @@ class LocalRunner(Runner):
         output_grace: float = 1.0,
     ) -> None:
         self._clock = clock if clock is not None else Clock()
+        # The daemon's environment, read once (os.environ decodes every variable on each
+        # copy): runs get it, with their own variables over it.
+        self._environ = dict(os.environ)
         self._kill_grace = kill_grace
         self._output_grace = output_grace
         self._lock = threading.Condition()
@@ -243,7 +247,7 @@ class LocalRunner(Runner):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=request.working_dir,
-                env={**os.environ, **request.env} if request.env else None,
+                env={**self._environ, **request.env} if request.env else None,
                 close_fds=True,
                 start_new_session=True,
                 bufsize=0,
