@@ -61,6 +61,22 @@ class Harness:
             self.clock,
         )
 
+    def use(self, coordination: SQLiteCoordinationStore) -> None:
+        """Run the executor over another coordination store (a subclass of the real one)."""
+        listener = Listener()
+        coordination.start_election("p1", listener)
+        assert listener.ready.wait(5) and listener.epoch is not None
+        self.coordination.close()
+        self.coordination, self.epoch = coordination, listener.epoch
+        self.executor = Executor(
+            coordination,
+            self.reports,
+            {"local": self.runner},
+            lambda: self.config,
+            "p1",
+            self.clock,
+        )
+
     def job(self, job_id: str, **fields: Any) -> JobSpec:
         spec: dict[str, Any] = {
             "id": job_id,
@@ -325,14 +341,8 @@ def test_a_run_delivered_while_claims_are_refused_starts_once_they_are_accepted(
     h: Harness, tmp_path: Path
 ) -> None:
     suspended = SuspendedCoordination(tmp_path / "suspended.sqlite3")
-    listener = Listener()
-    suspended.start_election("p1", listener)
-    assert listener.ready.wait(5) and listener.epoch is not None
+    h.use(suspended)
     suspended.refusals = 3
-    h.executor = Executor(
-        suspended, h.reports, {"local": h.runner}, lambda: h.config, "p1", h.clock
-    )
-    h.coordination, h.epoch = suspended, listener.epoch
     h.job("hello")
     h.executor.start()
     record = h.assign("hello")
@@ -464,16 +474,10 @@ def test_runs_claimed_before_a_claim_batch_was_interrupted_start_and_the_rest_ar
     h: Harness, tmp_path: Path
 ) -> None:
     store = InterruptedCoordination(tmp_path / "interrupted.sqlite3")
-    listener = Listener()
-    store.start_election("p1", listener)
-    assert listener.ready.wait(5) and listener.epoch is not None
-    h.coordination, h.epoch = store, listener.epoch
+    h.use(store)
     slot = datetime.now(UTC) + timedelta(seconds=0.3)
     ids = [h.assign(h.job(f"batch-{i}").id, slot=slot).run_id for i in range(3)]
-    h.executor = Executor(store, h.reports, {"local": h.runner}, lambda: h.config, "p1", h.clock)
     h.executor.start()
     reports = [h.wait_report(run_id) for run_id in ids]
     assert [r.state for r in reports] == [RunState.SUCCEEDED] * 3
     assert store.interruptions == 0
-    h.executor.stop(grace=1)
-    store.close()
