@@ -445,3 +445,28 @@ def test_while_runs_are_being_started_the_supervisor_puts_off_its_work(tmp_path:
         assert attempt.wait().stdout == "quick\n"
     finally:
         runner.close()
+
+
+def test_an_error_watching_one_run_ends_that_run_and_the_supervisor_goes_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    runner = LocalRunner()
+    real_on_ready = LocalRunner._on_ready
+    failures = [1]
+
+    def on_ready_failing_once(*args: object) -> None:
+        if failures:
+            failures.pop()
+            raise OSError("injected: reading the pipe failed")
+        real_on_ready(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalRunner, "_on_ready", staticmethod(on_ready_failing_once))
+    try:
+        pid_file = tmp_path / "pid"
+        broken = runner.run(request(SH, "-c", f"echo $$ > {pid_file}; echo out; sleep 30"))
+        assert not broken.ok and broken.reason == "watching the process failed: it was killed"
+        wait_until(lambda: process_gone(read_pid(pid_file)))
+        after = runner.run(request(SH, "-c", "echo fine"))
+        assert after.ok and after.stdout == "fine\n"
+    finally:
+        runner.close()

@@ -92,6 +92,7 @@ class _Watch:
     kill_sent: bool = False
     exited_at: float | None = None  # time.monotonic() when the main process's exit was seen
     give_up_at: float | None = None  # stop waiting for end-of-file after the final SIGKILL
+    broken: bool = False  # watching it failed: it is ended at once
 
     @property
     def pgid(self) -> int:
@@ -294,48 +295,23 @@ class LocalRunner(Runner):
                 os.write(self._wake_w, b"\0")
 
     def _supervise(self) -> None:
-        """Read every run's pipes and exit, signal the groups that must stop, end the runs."""
+        """Read every run's pipes and exit, signal the groups that must stop, end the runs.
+        The thread never dies of an error: every run depends on it to end."""
         selector = selectors.DefaultSelector()
         selector.register(self._wake_r, selectors.EVENT_READ, None)
         watched: set[_Watch] = set()
         next_scan = 0.0  # time.monotonic() of the next look at every run
         try:
             while True:
-                touched = self._take_incoming(selector, watched)
-                if not watched and self._closing.is_set():
-                    with self._lock:
-                        if self._active == 0 and not self._incoming:
-                            return
-                if self._starting:
-                    with self._lock:
-                        self._lock.wait_for(
-                            lambda: not self._starting or self._closing.is_set(),
-                            timeout=_MAX_HOLD,
-                        )
-                timeout = max(0.0, next_scan - time.monotonic()) if watched else None
-                for key, _ in selector.select(timeout):
-                    if key.data is None:
-                        with contextlib.suppress(BlockingIOError):
-                            while os.read(self._wake_r, 4096):
-                                pass
-                        continue
-                    watch, what = key.data
-                    touched.add(watch)
-                    self._on_ready(selector, watch, what, key.fd)
-                now = time.monotonic()
-                if now >= next_scan:  # a cancel or a timer of any run may be due
-                    touched, next_scan = set(watched), now + _POLL_INTERVAL
-                for watch in touched:
-                    try:
-                        done, timer = self._check(watch, now)
-                    except Exception:
-                        log.exception("run %s: supervising it failed", watch.request.run_id)
-                        done, timer = True, now
-                    if done:
-                        watched.discard(watch)
-                        self._end(selector, watch)
-                    else:
-                        next_scan = min(next_scan, timer)
+                try:
+                    following = self._supervise_once(selector, watched, next_scan)
+                except Exception:
+                    log.exception("the local runs' supervisor failed; it goes on")
+                    time.sleep(_POLL_INTERVAL)  # a back-off, should the error repeat
+                    continue
+                if following is None:
+                    return
+                next_scan = following
         finally:
             selector.close()
             os.close(self._wake_r)
@@ -343,17 +319,65 @@ class LocalRunner(Runner):
                 os.close(self._wake_w)
                 self._wake_w = -1
 
+    def _supervise_once(
+        self, selector: selectors.BaseSelector, watched: set[_Watch], next_scan: float
+    ) -> float | None:
+        """One turn of the loop: the time of the next full scan, or None to stop."""
+        touched = self._take_incoming(selector, watched)
+        if not watched and self._closing.is_set():
+            with self._lock:
+                if self._active == 0 and not self._incoming:
+                    return None
+        if self._starting:
+            with self._lock:
+                self._lock.wait_for(
+                    lambda: not self._starting or self._closing.is_set(), timeout=_MAX_HOLD
+                )
+        timeout = max(0.0, next_scan - time.monotonic()) if watched else None
+        for key, _ in selector.select(timeout):
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+                continue
+            watch, what = key.data
+            touched.add(watch)
+            try:
+                self._on_ready(selector, watch, what, key.fd)
+            except Exception:
+                log.exception("run %s: reading it failed", watch.request.run_id)
+                watch.broken = True
+        now = time.monotonic()
+        if now >= next_scan:  # a cancel or a timer of any run may be due
+            touched, next_scan = set(watched), now + _POLL_INTERVAL
+        for watch in touched:
+            try:
+                done, timer = (True, now) if watch.broken else self._check(watch, now)
+            except Exception:
+                log.exception("run %s: supervising it failed", watch.request.run_id)
+                done, timer = True, now
+            if done:
+                watched.discard(watch)
+                self._end(selector, watch)
+            else:
+                next_scan = min(next_scan, timer)
+        return next_scan
+
     def _take_incoming(self, selector: selectors.BaseSelector, watched: set[_Watch]) -> set[_Watch]:
         with self._lock:
             incoming, self._incoming = self._incoming, []
         for watch in incoming:
             process = watch.process
             assert process.stdout is not None and process.stderr is not None
-            selector.register(process.stdout.fileno(), selectors.EVENT_READ, (watch, _STDOUT))
-            selector.register(process.stderr.fileno(), selectors.EVENT_READ, (watch, _STDERR))
-            if watch.pidfd is not None:
-                selector.register(watch.pidfd, selectors.EVENT_READ, (watch, _EXIT))
             watched.add(watch)
+            try:
+                selector.register(process.stdout.fileno(), selectors.EVENT_READ, (watch, _STDOUT))
+                selector.register(process.stderr.fileno(), selectors.EVENT_READ, (watch, _STDERR))
+                if watch.pidfd is not None:
+                    selector.register(watch.pidfd, selectors.EVENT_READ, (watch, _EXIT))
+            except Exception:
+                log.exception("run %s: watching it failed", watch.request.run_id)
+                watch.broken = True  # ended (its group killed) in this turn
         return set(incoming)
 
     @staticmethod
@@ -434,6 +458,10 @@ class LocalRunner(Runner):
             process.stderr.close()
             returncode = process.wait()
             outcome = self._outcome(watch, returncode)
+            if watch.broken:
+                outcome = replace(
+                    outcome, ok=False, reason="watching the process failed: it was killed"
+                )
         except Exception as exc:  # never leave an attempt without an end
             log.exception("run %s: ending it failed", watch.request.run_id)
             outcome = RunOutcome(
