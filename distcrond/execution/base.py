@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -59,8 +58,6 @@ class Attempt:
     def __init__(self) -> None:
         self._done = threading.Event()
         self._outcome: RunOutcome | None = None
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[RunOutcome], None]] = []
 
     @classmethod
     def ended(cls, outcome: RunOutcome) -> Attempt:
@@ -69,30 +66,19 @@ class Attempt:
         return attempt
 
     def end(self, outcome: RunOutcome) -> None:
-        """Record the outcome (once) and call the callbacks, in the calling thread."""
-        with self._lock:
-            if self._outcome is not None:
-                return
-            self._outcome = outcome
-            callbacks, self._callbacks = self._callbacks, []
+        """Record the outcome (called once, by whoever ends the attempt)."""
+        self._outcome = outcome
         self._done.set()
-        for callback in callbacks:
-            callback(outcome)
+
+    def done(self, timeout: float = 0.0) -> bool:
+        """Whether the attempt has ended, waiting at most ``timeout`` seconds for it."""
+        return self._done.wait(timeout)
 
     def wait(self) -> RunOutcome:
         """Block until the attempt has ended; its outcome."""
         self._done.wait()
         assert self._outcome is not None
         return self._outcome
-
-    def when_ended(self, callback: Callable[[RunOutcome], None]) -> None:
-        """Call ``callback(outcome)`` when the attempt ends (at once if it has), on the
-        thread that ends it: the callback must be quick and must not raise."""
-        with self._lock:
-            if self._outcome is None:
-                self._callbacks.append(callback)
-                return
-        callback(self._outcome)
 
 
 class Runner(ABC):
