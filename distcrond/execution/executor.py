@@ -252,11 +252,10 @@ class Executor:
                 try:
                     claimed.update(self._coordination.claim_runs(ids, self._peer_id, started_at))
                     break
-                except ClaimInterrupted as e:  # those are ours: the others are tried again
-                    claimed.update(e.claimed)
-                    ids = [run_id for run_id in ids if run_id not in claimed]
-                    log.warning("runs %s: cannot claim them yet (%s); retrying", ", ".join(ids), e)
                 except StoreUnavailable as e:
+                    if isinstance(e, ClaimInterrupted):  # those are ours: retry the others
+                        claimed.update(e.claimed)
+                        ids = [run_id for run_id in ids if run_id not in claimed]
                     log.warning("runs %s: cannot claim them yet (%s); retrying", ", ".join(ids), e)
                 except Exception:
                     log.exception("runs %s: claiming failed", ", ".join(ids))
