@@ -1,8 +1,8 @@
 """Group commit for calls: concurrent callers' items go to the store in one batch.
 
-When two hundred runs are due at once, each run's thread claims its run, and later
-records its report: two hundred write transactions that queue behind each other
-(SQLite has one writer). :class:`Combiner` lets the callers that arrive while a
+When two hundred runs end at once, each run's thread records its report: two
+hundred write transactions that queue behind each other (SQLite has one writer;
+Elasticsearch prefers one bulk). :class:`Combiner` lets the callers that arrive while a
 batch is being written wait, then sends all of them as the next batch, in one
 call of ``run_batch``. A caller alone (the usual case) runs its own batch of one
 at once: combining adds no delay, it only forms batches under contention.

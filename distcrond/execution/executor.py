@@ -104,7 +104,8 @@ class Executor:
         self._never = threading.Event()  # waited on, to sleep
         self._starter = threading.Thread(target=self._start_loop, name="run-starter", daemon=True)
         # Runs ending together are settled together: their reports in one write (one
-        # transaction, one bulk), then their states; and only once no start is due.
+        # transaction, one bulk), then their states (in the batch where the store
+        # finishes in batches); and only once no start is due.
         self._settles: Combiner[str, RunReport, bool] = Combiner(
             self._settle_batch, before_batch=self._yield_to_starts
         )
