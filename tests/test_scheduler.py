@@ -18,7 +18,7 @@ from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
-from distcrond.scheduling.scheduler import LOOKAHEAD, Scheduler
+from distcrond.scheduling.scheduler import HOLD_POLL, LOOKAHEAD, Scheduler
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -461,9 +461,58 @@ def test_run_all_catch_up_runs_do_not_make_the_next_slots_skip(h: Harness) -> No
     h.at(7)
     (regular,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=7)]
     assert (regular.state, regular.trigger) == (RunState.ASSIGNED, Trigger.SCHEDULE)
-    h.at(8)  # a regular run still active: forbid applies to the next slot as ever
+    h.at(8)  # a regular run still active: slot 8 waits for it (run_all), at most until slot 9
+    assert [r for r in h.records() if r.slot == T0 + timedelta(seconds=8)] == []
+    h.at(9)
     (skipped,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=8)]
     assert skipped.state is RunState.SKIPPED and regular.run_id in skipped.reason
+    assert "waited for it" in skipped.reason
+    assert skipped.created_at == T0 + timedelta(seconds=9)
+
+
+def start_run_all_job_with_its_first_run_active(
+    h: Harness, first_slot: float = 1, **fields: Any
+) -> RunRecord:
+    """A run_all, forbid job led from T0; its first slot recorded and still running."""
+    h.set_jobs(make_job("tick", **{"misfire": "run_all", **fields}))
+    h.lead()
+    h.at(0)
+    h.at(first_slot)
+    (first,) = h.records()
+    h.coordination.claim_run(first.run_id, "p1", first.slot)
+    return first
+
+
+def test_a_run_all_slot_waits_for_the_previous_run_and_runs_when_it_ends(h: Harness) -> None:
+    first = start_run_all_job_with_its_first_run_active(h)
+    h.at(2.0)  # run 1 started late (say): it is still running at slot 2
+    h.at(2.3)
+    assert h.records() == [h.coordination.get_run(first.run_id)]
+    assert h.scheduler._sleep_time() <= HOLD_POLL.total_seconds()  # it looks again soon
+    h.coordination.finish_run(
+        first.run_id, RunState.SUCCEEDED, ended_at=T0 + timedelta(seconds=2.4)
+    )
+    h.at(2.4)
+    (second,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=2)]
+    assert (second.state, second.trigger) == (RunState.ASSIGNED, Trigger.SCHEDULE)
+    assert second.created_at == T0 + timedelta(seconds=2.4)
+    assert h.coordination.cursors() == {"tick": T0 + timedelta(seconds=2)}
+    h.at(3)  # and the schedule goes on: slot 3 waits for run 2 in turn
+    assert [r.slot for r in h.records()] == [T0 + timedelta(seconds=s) for s in (1, 2)]
+
+
+def test_a_run_all_slot_waits_no_longer_than_its_misfire_grace(h: Harness) -> None:
+    first = start_run_all_job_with_its_first_run_active(
+        h, 10, schedule={"interval": "10s"}, misfire={"policy": "run_all", "grace": "2s"}
+    )
+    assert first.slot == T0 + timedelta(seconds=10)
+    h.at(20)
+    h.at(21.9)
+    assert h.records() == [h.coordination.get_run(first.run_id)]
+    h.at(22)
+    (skipped,) = [r for r in h.records() if r.slot == T0 + timedelta(seconds=20)]
+    assert skipped.state is RunState.SKIPPED and first.run_id in skipped.reason
+    assert skipped.created_at == T0 + timedelta(seconds=22)
 
 
 def test_run_once_catch_up_run_still_blocks_a_forbid_slot(h: Harness) -> None:

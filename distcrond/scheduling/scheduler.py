@@ -19,6 +19,7 @@ heartbeat) is settled by :mod:`distcrond.recovery`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import threading
@@ -53,6 +54,10 @@ VIEW_TTL = 0.25  # seconds
 # done by the time the slot comes, instead of making every run that much late. A slot
 # whose job still has a run in progress is decided at its instant, as before.
 LOOKAHEAD = timedelta(milliseconds=50)
+# Under forbid and misfire run_all, a due slot whose job's previous run is still active
+# waits for that run (looked at again this often), at most until the job's next slot or
+# the end of its misfire grace, whichever comes first; then it is skipped.
+HOLD_POLL = timedelta(milliseconds=50)
 
 
 @dataclass
@@ -102,8 +107,9 @@ class Scheduler:
         self._specs: dict[str, JobSpec] = {}
         self._next: dict[str, datetime] = {}
         self._heap: list[tuple[datetime, str]] = []
-        # Slots inside the lookahead whose job has a run in progress: decided when due.
-        self._held: list[tuple[datetime, str]] = []
+        # Slots whose job has a run in progress: (when to look again, slot, job id). One
+        # inside the lookahead is decided at its instant; a due run_all one waits (HOLD_POLL).
+        self._held: list[tuple[datetime, datetime, str]] = []
         self._last_prune: datetime | None = None
         self._last_reconcile: datetime | None = None
         # The active runs as this leader knows them (its own records, refreshed from the
@@ -252,7 +258,8 @@ class Scheduler:
         now = self._clock.now()
         candidates: list[tuple[datetime, str]] = []
         while self._held and self._held[0][0] <= now:
-            candidates.append(heapq.heappop(self._held))
+            _, slot, job_id = heapq.heappop(self._held)
+            candidates.append((slot, job_id))
         while self._heap and self._heap[0][0] <= now + LOOKAHEAD:
             candidates.append(heapq.heappop(self._heap))
         # Else: a stale entry of a changed or removed job.
@@ -264,8 +271,11 @@ class Scheduler:
         batch = self._new_batch(now)
         due: list[tuple[datetime, str]] = []
         for slot, job_id in candidates:
-            if slot > now and self._blocking(self._specs[job_id], batch, Trigger.SCHEDULE):
-                heapq.heappush(self._held, (slot, job_id))  # its fate depends on that run
+            job = self._specs[job_id]
+            blocked = self._blocking(job, batch, Trigger.SCHEDULE)
+            look_again = _look_again(job, slot, now) if blocked else None
+            if look_again is not None:
+                heapq.heappush(self._held, (look_again, slot, job_id))  # fate depends on that run
             else:
                 due.append((slot, job_id))
         if not due:
@@ -353,16 +363,13 @@ class Scheduler:
         blocking = self._blocking(job, batch, trigger)
         if blocking:
             if job.concurrency == "forbid":
+                first = blocking[0]
+                reason = f"concurrency forbid: run {first.run_id} is still {first.state.value}"
+                if trigger is Trigger.SCHEDULE and _waits_for_previous(job):
+                    reason += " (misfire run_all: the slot waited for it until its deadline)"
                 batch.records.append(
                     self._terminal(
-                        job,
-                        slot,
-                        trigger,
-                        base_run_id,
-                        RunState.SKIPPED,
-                        batch.now,
-                        f"concurrency forbid: run {blocking[0].run_id} "
-                        f"is still {blocking[0].state.value}",
+                        job, slot, trigger, base_run_id, RunState.SKIPPED, batch.now, reason
                     )
                 )
                 return
@@ -597,6 +604,31 @@ class Scheduler:
             return
         if pruned:
             log.info("pruned %d finished run records older than %s", pruned, self._retention)
+
+
+def _waits_for_previous(job: JobSpec) -> bool:
+    """A job whose due slot waits for its previous run instead of being skipped at once."""
+    return job.concurrency == "forbid" and job.misfire.policy is MisfirePolicy.RUN_ALL
+
+
+def _look_again(job: JobSpec, slot: datetime, now: datetime) -> datetime | None:
+    """When to decide a slot that its job's active run blocks now; None: decide it now.
+
+    A slot not yet due is decided at its instant (as the previous run is then). A due one
+    is decided now (skipped or replacing), except under forbid and run_all: every slot was
+    asked for, and the previous run is often active only because it started late (after a
+    failover, the catch-up runs delay the next ones), so the slot waits for that run until
+    its deadline, the job's next slot or the end of its misfire grace."""
+    if slot > now:
+        return slot
+    if not _waits_for_previous(job):
+        return None
+    deadline = slot + job.misfire.grace
+    with contextlib.suppress(NoSlotError):
+        deadline = min(deadline, next_slot(job.schedule, job.id, slot))
+    if now >= deadline:
+        return None
+    return min(deadline, now + HOLD_POLL)
 
 
 def _next_or_none(job: JobSpec, after: datetime) -> datetime | None:
