@@ -10,6 +10,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -19,7 +20,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss, NoAuthError
 from kazoo.protocol.states import KazooState
 
-from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
+from distcrond.coordination.base import FencedOut, Finish, PeerInfo, TriggerRequest
 from distcrond.coordination.zkpaths import ZKPaths
 from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
 from distcrond.runs import RunRecord, RunState, run_id_for
@@ -300,6 +301,100 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
 
     assert executor.claim_run(after.run_id, "e", T0) is not None
     assert leader.executing_runs() == {after.run_id}
+
+
+# -- writes without reads: remembered record versions ------------------------------------
+
+
+class Requests:
+    """Counts a real KazooClient's calls of the methods named (it still makes them)."""
+
+    def __init__(self, client: KazooClient, *names: str) -> None:
+        self.counts: Counter[str] = Counter()
+        for name in names:
+            original = getattr(client, name)
+
+            def counted(
+                *args: object,
+                _name: str = name,
+                _call: Callable[..., object] = original,
+                **kw: object,
+            ) -> object:
+                self.counts[_name] += 1
+                return _call(*args, **kw)
+
+            setattr(client, name, counted)
+
+
+def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_without_reads(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, client_e) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    events = RunEvents()
+    executor.watch_runs("e", events)
+    runs = [run("backup", i, "e") for i in range(20)]
+    leader.record_runs(epoch, runs)
+    eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="the watch")
+    requests = Requests(client_e, "transaction", "get_async")
+
+    claimed = executor.claim_runs([r.run_id for r in runs], "e", T0)
+    finished = executor.finish_runs([Finish(r.run_id, RunState.SUCCEEDED, T0, 0) for r in runs])
+
+    assert requests.counts == {"transaction": 2}  # the records were read by the watch
+    assert sorted(claimed) == sorted(finished) == sorted(r.run_id for r in runs)
+    assert all(leader.get_run(r.run_id).state is RunState.SUCCEEDED for r in runs)  # type: ignore[union-attr]
+    assert leader.active_run_ids() == set() and leader.executing_runs() == set()
+
+
+def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, _) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    events = RunEvents()
+    executor.watch_runs("e", events)
+    cancelled, plain = run("backup", 0, "e"), run("backup", 1, "e")
+    leader.record_runs(epoch, [cancelled, plain])
+    eventually(lambda: events.run_ids() == {cancelled.run_id, plain.run_id}, what="the watch")
+    assert leader.request_cancel(cancelled.run_id)  # its version moves on
+
+    claimed = executor.claim_runs([cancelled.run_id, plain.run_id], "e", T0)
+
+    assert claimed[cancelled.run_id].cancel_requested  # claimed from a fresh read
+    assert leader.get_run(cancelled.run_id) == claimed[cancelled.run_id]
+    assert leader.request_cancel(plain.run_id)
+    finished = executor.finish_runs(
+        [Finish(r.run_id, RunState.FAILED, T0, None, "asked") for r in (cancelled, plain)]
+    )
+    for r in (cancelled, plain):
+        record = leader.get_run(r.run_id)
+        assert record is not None and finished[r.run_id] == record
+        assert (record.state, record.cancel_requested) == (RunState.FAILED, True)
+    assert leader.active_run_ids() == set() and leader.executing_runs() == set()
+
+
+def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_again(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    """The executor remembers the runs it claimed as running: a refusal to claim one is
+    only trusted from a fresh read."""
+    (leader, _), (executor, _) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    one, batch = run("backup", 0, "e"), [run("report", i, "e") for i in range(3)]
+    leader.record_runs(epoch, [one, *batch])
+    assert executor.claim_run(one.run_id, "e", T0) is not None
+    assert len(executor.claim_runs([r.run_id for r in batch], "e", T0)) == 3
+    for r in (one, *batch):  # as the recovery of an at_least_once run does
+        expect = {"state": RunState.RUNNING, "peer_id": "e"}
+        assert leader.update_run(r.run_id, expect=expect, state=RunState.ASSIGNED) is not None
+
+    again = executor.claim_run(one.run_id, "e", T0)
+    batch_again = executor.claim_runs([r.run_id for r in batch], "e", T0)
+
+    assert again is not None and again.state is RunState.RUNNING
+    assert sorted(batch_again) == sorted(r.run_id for r in batch)
+    assert leader.executing_runs() == {one.run_id} | {r.run_id for r in batch}
 
 
 # -- watches across instances -------------------------------------------------------

@@ -18,7 +18,8 @@ from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
-from distcrond.scheduling.scheduler import HOLD_POLL, LOOKAHEAD, Scheduler
+from distcrond.scheduling.scheduler import HOLD_POLL, LOOKAHEAD, PASS_SPAN, Scheduler
+from distcrond.scheduling.schedules import fuzzy_offset, next_slot
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
 
@@ -372,6 +373,30 @@ def test_a_run_assigned_to_a_peer_that_is_gone_moves_to_a_live_peer(h: Harness) 
     assert moved == record.replace(peer_id="p1")
 
 
+def test_reconciliation_reads_only_the_records_of_active_runs_without_a_heartbeat(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.set_jobs(make_job("tick", concurrency="allow"))
+    h.lead()
+    h.at(0)
+    h.at(1)
+    h.at(2)
+    running, waiting = h.records()
+    assert h.coordination.claim_run(running.run_id, "p1", running.slot) is not None
+    read: list[list[str]] = []
+    get_runs = h.coordination.get_runs
+    monkeypatch.setattr(
+        h.coordination, "get_runs", lambda ids: read.append(list(ids)) or get_runs(ids)
+    )
+    monkeypatch.setattr(h.coordination, "runs", lambda **_: pytest.fail("every record was read"))
+
+    h.at(3.5)  # a pass that records slot 3, and a reconciliation (every second)
+
+    # The assigned runs are read, not the running one: it has a heartbeat (a live peer).
+    third = run_id_for("tick", T0 + timedelta(seconds=3))
+    assert read == [[waiting.run_id, third]]
+
+
 def test_a_run_pinned_to_a_peer_that_is_gone_fails_with_the_reason(h: Harness) -> None:
     h.set_jobs(
         make_job("tick", schedule={"interval": "1h"}),
@@ -526,13 +551,46 @@ def test_a_slot_is_recorded_within_the_lookahead_before_it_is_due(h: Harness) ->
     h.set_jobs(make_job("tick"))
     h.lead()
     h.at(0)
-    lead = LOOKAHEAD.total_seconds()
-    h.at(1.0 - lead - 0.001)
+    # The loop wakes LOOKAHEAD before the next slot: the pass, the write and the claim
+    # happen before the slot.
+    assert h.scheduler._sleep_time() == pytest.approx(1.0 - LOOKAHEAD.total_seconds())
+    ahead = (LOOKAHEAD + PASS_SPAN).total_seconds()  # the farthest a pass looks
+    h.at(1.0 - ahead - 0.001)
     assert h.records() == []
-    h.at(1.0 - lead)  # the pass, the write and the claim happen before the slot
+    h.at(1.0 - ahead)
     (run,) = h.records()
     assert (run.slot, run.state) == (T0 + timedelta(seconds=1), RunState.ASSIGNED)
-    assert run.created_at == T0 + timedelta(seconds=1) - LOOKAHEAD
+    assert run.created_at == T0 + timedelta(seconds=1) - LOOKAHEAD - PASS_SPAN
+
+
+def fuzzy_jobs_due_at(offsets_ms: list[float]) -> list[JobSpec]:
+    """``every: 1s`` fuzzy jobs whose slots fall about these many ms into each second."""
+    jobs: list[JobSpec] = []
+    for target in offsets_ms:
+        job_id = next(
+            f"j{i}"
+            for i in range(100_000)
+            if abs(fuzzy_offset(f"j{i}", timedelta(seconds=1)) / timedelta(milliseconds=1) - target)
+            < 2
+            and f"j{i}" not in [j.id for j in jobs]
+        )
+        jobs.append(make_job(job_id, schedule={"every": "1s", "fuzzy": True}, concurrency="allow"))
+    return jobs
+
+
+def test_a_pass_records_together_the_slots_due_within_its_span(h: Harness) -> None:
+    first, near, far = fuzzy_jobs_due_at([500, 500 + 40, 500 + 120])
+    h.set_jobs(first, near, far)
+    h.lead()
+    h.at(0)
+    h.at(1.0)  # the first slots
+    h.at(1.5 - LOOKAHEAD.total_seconds())  # one pass: near falls within its span, far not
+    batch = [r for r in h.records() if r.created_at == h.clock.now()]
+    assert sorted(r.job_id for r in batch) == sorted([first.id, near.id])
+    # Then the loop sleeps until far's slot is LOOKAHEAD away.
+    far_slot = next_slot(far.schedule, far.id, h.clock.now())
+    wake = (far_slot - LOOKAHEAD - h.clock.now()).total_seconds()
+    assert h.scheduler._sleep_time() == pytest.approx(wake)
 
 
 def test_a_slot_whose_previous_run_is_active_is_decided_at_its_instant(h: Harness) -> None:

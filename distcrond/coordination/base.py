@@ -133,6 +133,17 @@ class ConfigSnapshot:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """The arguments of one run's ``finish_run``, for ``finish_runs``."""
+
+    run_id: str
+    state: RunState
+    ended_at: datetime
+    exit_code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class NodeHealth:
     """A node that failed to connect: why, since when, and when it is to be tried again."""
 
@@ -298,6 +309,11 @@ class CoordinationStore(ABC):
     @abstractmethod
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
+    def get_runs(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """The records of the runs that exist among ``run_ids`` (a store that can reads them
+        together)."""
+        return [record for run_id in run_ids if (record := self.get_run(run_id)) is not None]
+
     @abstractmethod
     def runs(
         self,
@@ -320,9 +336,10 @@ class CoordinationStore(ABC):
     # ZooKeeper: one multi-operation transaction): the executor then claims the runs that
     # arrive together in one call. The default claims one after the other.
     claims_in_batches: bool = False
-    # True for a single-writer store (SQLite): the executor finishes the runs that end
-    # together one after the other on one thread. False where concurrent writes overlap
-    # (ZooKeeper): each run is finished by its own thread, side by side.
+    # True when the executor should finish the runs that end together in one finish_runs
+    # call, on one thread: a single-writer store (SQLite), or one that writes them in one
+    # multi-operation transaction (ZooKeeper). False: each run is finished by its own
+    # thread, side by side.
     finishes_in_batches: bool = False
 
     def claim_runs(
@@ -362,6 +379,16 @@ class CoordinationStore(ABC):
     ) -> RunRecord | None:
         """Move an active run to a terminal state (idempotent: a finished run stays as it was).
         With ``expect``, an active run without those values is returned unchanged."""
+
+    def finish_runs(self, finishes: Sequence[Finish]) -> dict[str, RunRecord | None]:
+        """:meth:`finish_run` of each run (without expectations): the record after, by run id.
+        A store that can writes them together (see ``finishes_in_batches``)."""
+        return {
+            f.run_id: self.finish_run(
+                f.run_id, f.state, ended_at=f.ended_at, exit_code=f.exit_code, reason=f.reason
+            )
+            for f in finishes
+        }
 
     @abstractmethod
     def executing_runs(self) -> set[str]:

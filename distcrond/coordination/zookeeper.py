@@ -44,6 +44,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import methodcaller
 from typing import Any, TypeVar
 
 from kazoo.client import KazooClient
@@ -71,6 +72,7 @@ from distcrond.coordination.base import (
     ConfigSnapshot,
     CoordinationStore,
     FencedOut,
+    Finish,
     LeaderInfo,
     LeadershipListener,
     NodeHealth,
@@ -107,8 +109,12 @@ _ZLIB_PREFIX = b"zlib:"
 _RETRYABLE = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
 # Attempts of one compare-and-set loop before giving up (contention, not outages).
 _CAS_ATTEMPTS = 50
-# Runs claimed in one transaction at most (each adds two operations and ~1 KB to it).
-_CLAIM_BATCH = 100
+# Runs claimed or finished in one transaction at most (each adds two to four operations
+# and up to ~1 KB to it).
+_BATCH = 100
+# Run records remembered with their version (see ``_versions``): beyond, the memory starts
+# afresh (entries of runs finished by another peer are otherwise dropped at their finish).
+_VERSIONS_MAX = 10_000
 
 
 def _encode(record: RunRecord) -> bytes:
@@ -232,6 +238,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._run_watchers: list[_RunWatcher] = []
         self._own_peers: dict[str, PeerInfo] = {}
         self._heartbeats: set[str] = set()  # runs claimed here and not finished
+        # Active run records as this instance last read or wrote them, with their znode
+        # version: the claim of a run handed to this peer, and the finish of a run it
+        # claimed, then write without reading the record first. A stale entry fails its
+        # compare-and-set, and the record is read again. Taken out when used.
+        self._versions: dict[str, tuple[RunRecord, int]] = {}
         self._ensured: set[str] = set()  # parent nodes known to exist
         # Cursor (slot, znode version) as last read or written here; checked on every write.
         self._cursor_cache: dict[str, tuple[datetime, int]] = {}
@@ -733,6 +744,12 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         got = self._retry(lambda _lost: self._get(self._paths.run(job_id, run_id)))
         return _decode(got[0]) if got is not None else None
 
+    def get_runs(self, run_ids: Iterable[str]) -> list[RunRecord]:
+        """Pipelined reads of the records."""
+        paths = [self._paths.run(j, r) for r in run_ids if (j := _job_of(r)) is not None]
+        found = self._retry(lambda _lost: self._get_many(paths))
+        return [_decode(got[0]) for got in found if got is not None]
+
     def runs(
         self,
         *,
@@ -777,6 +794,58 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         """One read of the ``/active`` index."""
         return set(self._retry(lambda _lost: self._children(self._paths.active)))
 
+    def _remember_version(self, record: RunRecord, version: int) -> None:
+        with self._lock:
+            if record.state.terminal:
+                self._versions.pop(record.run_id, None)
+                return
+            if len(self._versions) >= _VERSIONS_MAX and record.run_id not in self._versions:
+                self._versions.clear()
+            self._versions[record.run_id] = (record, version)
+
+    def _recall_version(self, run_id: str) -> tuple[RunRecord, int] | None:
+        with self._lock:
+            return self._versions.pop(run_id, None)
+
+    def _read_versions(
+        self, run_ids: Sequence[str], lost: bool
+    ) -> dict[str, tuple[RunRecord, int]]:
+        """The runs that exist, with their versions: remembered ones (unless ``lost``: a retry
+        after a lost reply reads what its first attempt may have written), the others read."""
+        found: dict[str, tuple[RunRecord, int]] = {}
+        for run_id in run_ids:
+            remembered = self._recall_version(run_id)
+            if remembered is not None and not lost:
+                found[run_id] = remembered
+        unread = [r for r in run_ids if r not in found]
+        paths = [self._paths.run(_job_of(r) or "", r) for r in unread]
+        for run_id, got in zip(unread, self._get_many(paths), strict=True):
+            if got is not None:
+                found[run_id] = (_decode(got[0]), got[1].version)
+        return found
+
+    def _transact(self, plans: Mapping[str, Sequence[methodcaller]]) -> tuple[set[str], set[str]]:
+        """Commit every run's operations (calls of a kazoo transaction's methods) in one
+        transaction. A run whose operation makes it fail is left out, and the others are
+        tried again (up to three runs left out; then all the rest are). (committed, left)."""
+        pending = dict(plans)
+        left: set[str] = set()
+        while pending and len(left) < 3:
+            txn = self._client.transaction()
+            owners: list[str] = []
+            for run_id, operations in pending.items():
+                for operation in operations:
+                    operation(txn)
+                    owners.append(run_id)
+            failed = _failure(self._wait(txn.commit_async()))
+            if failed is None:
+                return set(pending), left
+            index = failed[0]
+            culprit = owners[index] if index < len(owners) else next(iter(pending))
+            left.add(culprit)
+            del pending[culprit]
+        return set(), left | set(pending)
+
     def claim_run(self, run_id: str, peer_id: str, started_at: datetime) -> RunRecord | None:
         """assigned -> running for ``peer_id``: one transaction of a compare-and-set on the
         record's version and the create of the run's ephemeral heartbeat, so that a running
@@ -795,21 +864,29 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         heartbeat = self._paths.heartbeat(run_id)
 
         def attempt(lost: bool) -> RunRecord | None:
+            remembered = None if lost else self._recall_version(run_id)
             for _ in range(_CAS_ATTEMPTS):
-                got = self._get(path)
-                if got is None:
-                    return None
-                record = _decode(got[0])
+                fresh = remembered is None
+                if remembered is not None:
+                    (record, version), remembered = remembered, None
+                else:
+                    got = self._get(path)
+                    if got is None:
+                        return None
+                    record, version = _decode(got[0]), got[1].version
                 claimed = claimed_record(record, started_at)
                 if lost and record == claimed and record.peer_id == peer_id:
                     return record  # the attempt whose reply was lost did commit
                 if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
+                    if not fresh:
+                        continue  # maybe stale: a refusal is only trusted from a fresh read
                     return None
                 txn = self._client.transaction()
-                txn.set_data(path, _encode(claimed), version=got[1].version)
+                txn.set_data(path, _encode(claimed), version=version)
                 txn.create(heartbeat, b"", self._acl, ephemeral=True)
                 failed = _failure(self._wait(txn.commit_async()))
                 if failed is None:
+                    self._remember_version(claimed, version + 1)
                     return claimed
                 index, error = failed
                 if index == 0 and isinstance(error, BadVersionError):
@@ -836,7 +913,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime
     ) -> dict[str, RunRecord]:
         """:meth:`claim_run` of many runs in one multi-operation transaction (each run's
-        compare-and-set and heartbeat create), _CLAIM_BATCH runs at most per transaction.
+        compare-and-set and heartbeat create), _BATCH runs at most per transaction.
         When a transaction fails (a run changed meanwhile, a heartbeat was left over), its
         runs are claimed one by one, which sorts out each case."""
         if self._client.state != KazooState.CONNECTED:
@@ -854,8 +931,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     def _claim_chunks(
         self, ids: list[str], peer_id: str, started_at: datetime, claimed: dict[str, RunRecord]
     ) -> None:
-        for start in range(0, len(ids), _CLAIM_BATCH):
-            chunk = ids[start : start + _CLAIM_BATCH]
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
             one_by_one: list[str] = chunk
             if len(chunk) > 1:
 
@@ -877,28 +954,38 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime, lost: bool
     ) -> tuple[dict[str, RunRecord], list[str]]:
         """One attempt: (the runs claimed, the runs left to claim one by one)."""
-        paths = [self._paths.run(_job_of(r) or "", r) for r in run_ids]
         claimed: dict[str, RunRecord] = {}
-        planned: dict[str, RunRecord] = {}
-        txn = self._client.transaction()
-        for run_id, path, got in zip(run_ids, paths, self._get_many(paths), strict=True):
-            if got is None:
+        planned: dict[str, tuple[RunRecord, int]] = {}
+        plans: dict[str, list[methodcaller]] = {}
+        current = self._read_versions(run_ids, lost)
+        stale: set[str] = set()  # remembered and not claimable: claim_run reads them again
+        for run_id in run_ids:
+            if run_id not in current:
                 continue
-            record = _decode(got[0])
+            record, version = current[run_id]
             mine = claimed_record(record, started_at)
             if lost and record == mine and record.peer_id == peer_id:
                 claimed[run_id] = record  # an attempt whose reply was lost did commit
                 continue
             if record.state != RunState.ASSIGNED or record.peer_id != peer_id:
+                stale.add(run_id)
                 continue
-            txn.set_data(path, _encode(mine), version=got[1].version)
-            txn.create(self._paths.heartbeat(run_id), b"", self._acl, ephemeral=True)
-            planned[run_id] = mine
-        if not planned:
-            return claimed, []
-        if _failure(self._wait(txn.commit_async())) is None:
-            return {**claimed, **planned}, []
-        return claimed, list(planned)
+            path, data, heartbeat = (
+                self._paths.run(record.job_id, run_id),
+                _encode(mine),
+                self._paths.heartbeat(run_id),
+            )
+            plans[run_id] = [
+                methodcaller("set_data", path, data, version=version),
+                methodcaller("create", heartbeat, b"", self._acl, ephemeral=True),
+            ]
+            planned[run_id] = (mine, version)
+        committed, left = self._transact(plans) if plans else (set(), set())
+        for run_id in committed:
+            mine, version = planned[run_id]
+            self._remember_version(mine, version + 1)
+            claimed[run_id] = mine
+        return claimed, sorted(left | stale)
 
     def executing_runs(self) -> set[str]:
         """The runs with a heartbeat: claimed by a session that is still alive."""
@@ -941,6 +1028,61 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
         return record or existing
 
+    finishes_in_batches = True
+
+    def finish_runs(self, finishes: Sequence[Finish]) -> dict[str, RunRecord | None]:
+        """:meth:`finish_run` of many runs in one multi-operation transaction (each run's
+        compare-and-set and the deletes of its index nodes and heartbeat), _BATCH runs at
+        most per transaction. A run whose operation fails (it changed meanwhile, an index
+        node was gone) is finished alone by :meth:`finish_run`, which sorts out each case."""
+        wanted = list({f.run_id: f for f in finishes}.values())
+        done: dict[str, RunRecord | None] = {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start : start + _BATCH]
+
+            def attempt(lost: bool, chunk: list[Finish] = chunk) -> dict[str, RunRecord]:
+                # After a lost reply, each run is finished alone: a finish is idempotent.
+                return {} if lost else self._finish_batch(chunk)
+
+            done.update(self._retry(attempt))
+            for f in chunk:
+                if f.run_id not in done:
+                    done[f.run_id] = self.finish_run(
+                        f.run_id,
+                        f.state,
+                        ended_at=f.ended_at,
+                        exit_code=f.exit_code,
+                        reason=f.reason,
+                    )
+        return done
+
+    def _finish_batch(self, chunk: Sequence[Finish]) -> dict[str, RunRecord]:
+        """One attempt: the runs finished (the others are left to finish_run)."""
+        current = self._read_versions([f.run_id for f in chunk if _job_of(f.run_id)], False)
+        with self._lock:
+            held = self._heartbeats & current.keys()
+        plans: dict[str, list[methodcaller]] = {}
+        finished: dict[str, RunRecord] = {}
+        for f in chunk:
+            if f.run_id not in current:
+                continue
+            existing, version = current[f.run_id]
+            change = finish_change(f.state, f.ended_at, f.exit_code, f.reason, None)
+            updated = change(existing)
+            if updated is None:
+                continue
+            path, data = self._paths.run(existing.job_id, f.run_id), _encode(updated)
+            doomed = self._index(existing)
+            if existing.state == RunState.RUNNING and f.run_id in held:
+                doomed.add(self._paths.heartbeat(f.run_id))
+            plans[f.run_id] = [methodcaller("set_data", path, data, version=version)]
+            plans[f.run_id] += [methodcaller("delete", p) for p in sorted(doomed)]
+            finished[f.run_id] = updated
+        committed, _left = self._transact(plans) if plans else (set(), set())
+        with self._lock:
+            self._heartbeats -= committed
+        return {run_id: finished[run_id] for run_id in committed}
+
     def request_cancel(self, run_id: str) -> bool:
         """Set ``cancel_requested`` on an active run and index it under its peer's
         ``/cancels`` (idempotent); False when the run is not active."""
@@ -969,15 +1111,21 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return None, None
         path = self._paths.run(job_id, run_id)
 
-        def attempt(_lost: bool) -> tuple[RunRecord | None, RunRecord | None]:
+        def attempt(lost: bool) -> tuple[RunRecord | None, RunRecord | None]:
             # A retry re-reads and re-applies ``change``: after a lost reply that did
             # commit, ``change`` sees its own result (finished, cancelled...) and is a no-op.
             skip_delete: set[str] = set()
+            remembered = None if lost else self._recall_version(run_id)
             for _ in range(_CAS_ATTEMPTS):
-                got = self._get(path)
-                if got is None:
-                    return None, None
-                existing = _decode(got[0])
+                if remembered is not None:
+                    (existing, version), remembered = remembered, None
+                    if change(existing) is None:
+                        continue  # maybe stale: a refusal is only trusted from a fresh read
+                else:
+                    got = self._get(path)
+                    if got is None:
+                        return None, None
+                    existing, version = _decode(got[0]), got[1].version
                 updated = change(existing)
                 if updated is None:
                     return None, existing
@@ -989,7 +1137,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                         before.add(self._paths.heartbeat(run_id))
                 self._ensure_parents({_parent(p) for p in after - before})
                 txn = self._client.transaction()
-                txn.set_data(path, _encode(updated), version=got[1].version)
+                txn.set_data(path, _encode(updated), version=version)
                 deletes = sorted(before - after - skip_delete)
                 creates = sorted(after - before)
                 for index_path in deletes:
@@ -998,6 +1146,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     txn.create(index_path, b"", self._acl)
                 failed = _failure(self._wait(txn.commit_async()))
                 if failed is None:
+                    self._remember_version(updated, version + 1)
                     return updated, existing
                 index, error = failed
                 if index == 0 and isinstance(error, BadVersionError | NoNodeError):
@@ -1085,7 +1234,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return
         for got in found:
             if got is not None:
-                self._report(watcher, _decode(got[0]))
+                record = _decode(got[0])
+                if record.peer_id == watcher.peer_id:
+                    self._remember_version(record, got[1].version)
+                self._report(watcher, record)
 
     def _report(self, watcher: _RunWatcher, record: RunRecord) -> None:
         with self._lock:

@@ -33,7 +33,12 @@ from distcrond.batching import Combiner
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
-from distcrond.coordination.base import ClaimInterrupted, CoordinationStore, StoreUnavailable
+from distcrond.coordination.base import (
+    ClaimInterrupted,
+    CoordinationStore,
+    Finish,
+    StoreUnavailable,
+)
 from distcrond.execution.base import Attempt, Runner, RunOutcome, RunRequest
 from distcrond.execution.health import NodeHealthTracker
 from distcrond.recovery import settle_abandoned
@@ -526,17 +531,22 @@ class Executor:
         reports = [report for _, report in items]
         self._reports.write(reports)
         if self._coordination.finishes_in_batches:
-            for report in reports:
-                self._finish(report)
+            self._coordination.finish_runs([self._finish_of(report) for report in reports])
         return {run_id: True for run_id, _ in items}
 
     def _finish(self, report: RunReport) -> None:
+        f = self._finish_of(report)
         self._coordination.finish_run(
+            f.run_id, f.state, ended_at=f.ended_at, exit_code=f.exit_code, reason=f.reason
+        )
+
+    def _finish_of(self, report: RunReport) -> Finish:
+        return Finish(
             report.run_id,
             report.state,
-            ended_at=report.ended_at or self._clock.now(),
-            exit_code=report.exit_code,
-            reason=report.reason,
+            report.ended_at or self._clock.now(),
+            report.exit_code,
+            report.reason,
         )
 
     def _yield_to_starts(self) -> None:

@@ -34,7 +34,7 @@ from distcrond.config.models import JobSpec, MisfirePolicy
 from distcrond.coordination.base import CoordinationStore, FencedOut
 from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
-from distcrond.runs import ACTIVE_STATES, RunRecord, RunReport, RunState, Trigger, run_id_for
+from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
 from distcrond.scheduling.placement import executing_peer, place
 from distcrond.scheduling.schedules import NoSlotError, next_slot, slots_between
 
@@ -54,6 +54,10 @@ VIEW_TTL = 0.25  # seconds
 # done by the time the slot comes, instead of making every run that much late. A slot
 # whose job still has a run in progress is decided at its instant, as before.
 LOOKAHEAD = timedelta(milliseconds=50)
+# A pass also takes the slots due up to this much later: under load (hundreds of slots a
+# second) the passes, each a fenced write and a read of the active runs, then come at most
+# this often instead of once per slot, and the runs they hand to a peer arrive together.
+PASS_SPAN = timedelta(milliseconds=50)
 # Under forbid and misfire run_all, a due slot whose job's previous run is still active
 # waits for that run (looked at again this often), at most until the job's next slot or
 # the end of its misfire grace, whichever comes first; then it is skipped.
@@ -260,7 +264,7 @@ class Scheduler:
         while self._held and self._held[0][0] <= now:
             _, slot, job_id = heapq.heappop(self._held)
             candidates.append((slot, job_id))
-        while self._heap and self._heap[0][0] <= now + LOOKAHEAD:
+        while self._heap and self._heap[0][0] <= now + LOOKAHEAD + PASS_SPAN:
             candidates.append(heapq.heappop(self._heap))
         # Else: a stale entry of a changed or removed job.
         candidates = [
@@ -324,8 +328,8 @@ class Scheduler:
         ids = self._coordination.active_run_ids()
         for run_id in self._active.keys() - ids:
             del self._active[run_id]
-        if ids - self._active.keys():
-            self._remember(self._coordination.runs(states=ACTIVE_STATES))
+        if unknown := ids - self._active.keys():
+            self._remember(self._coordination.get_runs(sorted(unknown)))
         return [self._active[i] for i in ids if i in self._active]
 
     def _remember(self, records: Iterable[RunRecord]) -> None:
@@ -530,18 +534,30 @@ class Scheduler:
         self._reconcile(now)
 
     def _reconcile(self, now: datetime) -> None:
-        """Settle the active runs of peers that are gone (see the module's docstring)."""
-        active = self._coordination.runs(states=ACTIVE_STATES)
-        self._active = {r.run_id: r for r in active}
-        if not active:
+        """Settle the active runs of peers that are gone (see the module's docstring).
+
+        Only the records of active runs without a heartbeat are read: a run with one is
+        running on a live session. The others are assigned and not started yet (the usual
+        case: a few, recorded ahead of their slot), or their peer was lost."""
+        ids = self._coordination.active_run_ids()
+        heartbeats = self._coordination.executing_runs()
+        suspects = ids - heartbeats
+        for run_id in self._active.keys() - ids:
+            del self._active[run_id]
+        for run_id in heartbeats & self._active.keys():  # a heartbeat says it is running
+            if (known := self._active[run_id]).state is RunState.ASSIGNED:
+                self._active[run_id] = known.replace(state=RunState.RUNNING)
+        if not suspects:
             return
+        records = self._coordination.get_runs(sorted(suspects))
+        self._remember(records)
         live = [p.peer_id for p in self._coordination.peers()]
         # Read after the records: a run seen running and not executing has lost its peer.
         executing = self._coordination.executing_runs()
-        load = Counter(r.peer_id for r in active if r.peer_id)
+        load = Counter(r.peer_id for r in self._active.values() if r.peer_id)
         nodes = self._config().nodes
-        for record in active:
-            if record.peer_id is None:
+        for record in records:
+            if record.state.terminal or record.peer_id is None:
                 continue
             node = nodes.get(record.node_id or "")
             if record.state is RunState.ASSIGNED and record.peer_id not in live:
@@ -549,11 +565,12 @@ class Scheduler:
                 self._reassign(record, target, now)
                 if target is not None:
                     load[target] += 1
+                    load[record.peer_id] -= 1
             elif record.state is RunState.RUNNING and record.run_id not in executing:
                 target = None
                 if record.at_least_once and node is not None:
                     target = executing_peer(node, record.run_id, live, load)
-                settle_abandoned(
+                settled = settle_abandoned(
                     self._coordination,
                     self._reports,
                     record,
@@ -561,12 +578,16 @@ class Scheduler:
                     requeue_to=target,
                     why=f"peer {record.peer_id} was lost while the run was in progress",
                 )
+                if settled is not None:
+                    self._remember([settled])
 
     def _reassign(self, record: RunRecord, target: str | None, now: datetime) -> None:
         """A run assigned to a peer that is gone before it started it: move it, or fail it."""
         expect = {"state": RunState.ASSIGNED, "peer_id": record.peer_id}
         if target is not None:
-            if self._coordination.update_run(record.run_id, expect=expect, peer_id=target):
+            moved = self._coordination.update_run(record.run_id, expect=expect, peer_id=target)
+            if moved is not None:
+                self._remember([moved])
                 log.warning(
                     "run %s: peer %s is gone; reassigned to %s",
                     record.run_id,
@@ -578,6 +599,8 @@ class Scheduler:
         failed = self._coordination.finish_run(
             record.run_id, RunState.FAILED, ended_at=now, reason=reason, expect=expect
         )
+        if failed is not None:
+            self._remember([failed])
         if failed is not None and failed.state is RunState.FAILED and failed.reason == reason:
             self._reports.write([RunReport.from_record(failed)])
             log.warning("run %s: failed (%s)", record.run_id, reason)

@@ -17,6 +17,7 @@ from distcrond.coordination.base import (
     ConfigSnapshot,
     CoordinationStore,
     FencedOut,
+    Finish,
     NodeHealth,
     PeerInfo,
     TriggerRequest,
@@ -706,3 +707,39 @@ def test_claim_runs_claims_the_claimable_ones_in_one_call(
     assert coordination.claim_runs(ids, "p1", now) == {}  # nothing is claimed twice
     theirs_now = coordination.get_run(theirs.run_id)
     assert theirs_now is not None and theirs_now.state is RunState.ASSIGNED
+
+
+def test_finish_runs_finishes_each_run_as_finish_run_would(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    running = [assigned("backup", i) for i in range(4)]
+    waiting = assigned("report", 0)
+    done = assigned("sync", 0)
+    coordination.record_runs(epoch, [*running, waiting, done])
+    for record in [*running, done]:
+        assert coordination.claim_run(record.run_id, "p1", record.slot) is not None
+    first_end = coordination.finish_run(
+        done.run_id, RunState.FAILED, ended_at=slot(9), exit_code=1, reason="first"
+    )
+    end = slot(5)
+    finishes = [Finish(r.run_id, RunState.SUCCEEDED, end, 0) for r in running]
+    finishes += [
+        Finish(waiting.run_id, RunState.SKIPPED, end, None, "job removed"),
+        Finish(done.run_id, RunState.SUCCEEDED, end, 0),  # already finished: stays as it was
+        Finish("nope@2026-01-01T00:00:00.000000Z", RunState.SUCCEEDED, end, 0),
+    ]
+
+    after = coordination.finish_runs(finishes)
+
+    for record in running:
+        assert after[record.run_id] == coordination.get_run(record.run_id)
+        assert after[record.run_id] == record.replace(
+            state=RunState.SUCCEEDED, started_at=record.slot, ended_at=end, exit_code=0
+        )
+    skipped = coordination.get_run(waiting.run_id)
+    assert skipped is not None and after[waiting.run_id] == skipped
+    assert (skipped.state, skipped.reason) == (RunState.SKIPPED, "job removed")
+    assert after[done.run_id] == first_end == coordination.get_run(done.run_id)
+    assert after["nope@2026-01-01T00:00:00.000000Z"] is None
+    assert coordination.active_run_ids() == set()
+    assert coordination.executing_runs() == set()
