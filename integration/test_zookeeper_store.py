@@ -274,7 +274,8 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
 
         executor.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=T0, exit_code=0)
         assert observer.exists(paths.heartbeat(first.run_id)) is None
-        assert observer.get_children(paths.active) == [second.run_id]
+        assert observer.get_children(paths.assignments_of("e")) == [second.run_id]
+        assert observer.get_children(paths.active) == []  # only for runs without a peer
 
         assert leader.executing_runs() == {second.run_id}
 

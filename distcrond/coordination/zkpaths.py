@@ -7,8 +7,9 @@ Layout under the root (``/distcron`` by default)::
     /election/<lock contender>    kazoo Lock recipe children (ephemeral, sequential)
     /peers/<peer_id>              ephemeral; PeerInfo JSON
     /runs/<job_id>/<run_id>       persistent; RunRecord JSON (one bucket per job)
-    /active/<run_id>              persistent, empty; index of runs in an active state
     /assignments/<peer_id>/<run_id>  persistent, empty; active runs assigned to a peer
+    /active/<run_id>              persistent, empty; active runs without a peer (the
+                                  scheduler records none: every active run is assigned)
     /cancels/<peer_id>/<run_id>   persistent, empty; cancel requested for a peer's active run
     /heartbeats/<run_id>          ephemeral (the executing peer's session); run is being executed
     /health/<node_id>             persistent; NodeHealth JSON of a node that fails to connect

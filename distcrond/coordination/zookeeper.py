@@ -12,8 +12,9 @@ there). The essentials:
   anybody else took over (its ephemeral lock node is gone).
   ``transaction().commit()`` does not raise: every result list is inspected.
 * **The run lock** is the create of ``/runs/<job>/<run>``: ZooKeeper refuses a
-  second create, so a slot is recorded once. Indexes (``/active``,
-  ``/assignments/<peer>``, ``/cancels/<peer>``) change in the same transaction as
+  second create, so a slot is recorded once. Indexes (``/assignments/<peer>``,
+  ``/cancels/<peer>``, and ``/active`` for an active run without a peer, which the
+  scheduler never records) change in the same transaction as
   the record, so they always match it; every record change is a compare-and-set
   on the record's version.
 * **Idempotency.** Every operation is retried on connection loss from a fresh
@@ -759,8 +760,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     ) -> list[RunRecord]:
         """Runs matching every given filter, oldest slot first (ties: run id).
 
-        Active states are read from the ``/active`` (or the peer's assignments)
-        index, a job's runs from its bucket; anything else reads every bucket.
+        Active states are read from the indexes (see :meth:`active_run_ids`, or the
+        peer's assignments), a job's runs from its bucket; anything else reads every
+        bucket.
         """
         wanted = None if states is None else {RunState(s) for s in states}
         if wanted is not None and not wanted:
@@ -771,7 +773,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 if peer_id is not None:
                     ids = self._children(self._paths.assignments_of(peer_id))
                 else:
-                    ids = self._children(self._paths.active)
+                    ids = sorted(self._active_ids())
                 paths = [self._paths.run(j, i) for i in ids if (j := _job_of(i)) is not None]
             elif job_id is not None:
                 bucket = self._paths.run_bucket(job_id)
@@ -791,8 +793,15 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return sorted(records, key=_sort_key)
 
     def active_run_ids(self) -> set[str]:
-        """One read of the ``/active`` index."""
-        return set(self._retry(lambda _lost: self._children(self._paths.active)))
+        """The assignment indexes of every peer (and ``/active``), read together."""
+        return self._retry(lambda _lost: self._active_ids())
+
+    def _active_ids(self) -> set[str]:
+        peers = self._children(self._paths.assignments)
+        listings = self._children_many(
+            [self._paths.active, *(self._paths.assignments_of(p) for p in peers)]
+        )
+        return {run_id for listing in listings for run_id in listing}
 
     def _remember_version(self, record: RunRecord, version: int) -> None:
         with self._lock:
@@ -1095,11 +1104,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         """The index nodes that exist while the run is as ``record`` says."""
         if record.state.terminal:
             return set()
-        paths = {self._paths.active_run(record.run_id)}
-        if record.peer_id:
-            paths.add(self._paths.assignment(record.peer_id, record.run_id))
-            if record.cancel_requested:
-                paths.add(self._paths.cancel(record.peer_id, record.run_id))
+        if not record.peer_id:
+            return {self._paths.active_run(record.run_id)}
+        paths = {self._paths.assignment(record.peer_id, record.run_id)}
+        if record.cancel_requested:
+            paths.add(self._paths.cancel(record.peer_id, record.run_id))
         return paths
 
     def _modify(
@@ -1268,7 +1277,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             # Only records that can have ended before the instant are read: not active (the
             # index changes with the record, in one transaction) and with a slot before it
             # (a run ends after its slot). A prune that finds nothing to do reads no record.
-            active = set(self._children(self._paths.active))
+            active = self._active_ids()
             paths = [
                 path
                 for path in self._all_run_paths()
