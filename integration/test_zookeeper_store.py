@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -307,6 +308,27 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
 # -- writes without reads: remembered record versions ------------------------------------
 
 
+@dataclass
+class Pair:
+    """A leader and an executing peer "e" watching its runs, each on its own session."""
+
+    leader: ZooKeeperCoordinationStore
+    executor: ZooKeeperCoordinationStore
+    executor_client: KazooClient
+    epoch: int
+    events: RunEvents
+
+
+def leader_and_executor(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> Pair:
+    (leader, _), (executor, client_e) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    events = RunEvents()
+    executor.watch_runs("e", events)
+    return Pair(leader, executor, client_e, epoch, events)
+
+
 class Requests:
     """Counts a real KazooClient's calls of the methods named (it still makes them)."""
 
@@ -330,14 +352,12 @@ class Requests:
 def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_without_reads(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (leader, _), (executor, client_e) = make_store(), make_store()
-    epoch = lead(leader, "l")
-    events = RunEvents()
-    executor.watch_runs("e", events)
+    pair = leader_and_executor(make_store)
+    leader, executor, events = pair.leader, pair.executor, pair.events
     runs = [run("backup", i, "e") for i in range(20)]
-    leader.record_runs(epoch, runs)
+    leader.record_runs(pair.epoch, runs)
     eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="the watch")
-    requests = Requests(client_e, "transaction", "get_async")
+    requests = Requests(pair.executor_client, "transaction", "get_async")
 
     claimed = executor.claim_runs([r.run_id for r in runs], "e", T0)
     finished = executor.finish_runs([Finish(r.run_id, RunState.SUCCEEDED, T0, 0) for r in runs])
@@ -351,12 +371,10 @@ def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_
 def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (leader, _), (executor, _) = make_store(), make_store()
-    epoch = lead(leader, "l")
-    events = RunEvents()
-    executor.watch_runs("e", events)
+    pair = leader_and_executor(make_store)
+    leader, executor, events = pair.leader, pair.executor, pair.events
     cancelled, plain = run("backup", 0, "e"), run("backup", 1, "e")
-    leader.record_runs(epoch, [cancelled, plain])
+    leader.record_runs(pair.epoch, [cancelled, plain])
     eventually(lambda: events.run_ids() == {cancelled.run_id, plain.run_id}, what="the watch")
     assert leader.request_cancel(cancelled.run_id)  # its version moves on
 
@@ -404,13 +422,11 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 def test_runs_recorded_by_the_leader_reach_the_assigned_peers_watch(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (leader, _), (executor, _) = make_store(), make_store()
-    epoch = lead(leader, "l")
-    events = RunEvents()
-    executor.watch_runs("e", events)
+    pair = leader_and_executor(make_store)
+    leader, executor, events = pair.leader, pair.executor, pair.events
 
     mine, other = run("backup", 0, "e"), run("backup", 1, "x")
-    leader.record_runs(epoch, [mine, other])
+    leader.record_runs(pair.epoch, [mine, other])
     eventually(lambda: events.has(mine.run_id, "assigned"))
 
     assert executor.claim_run(mine.run_id, "e", T0) is not None
