@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoNodeError
 
-from deploy.services.zookeeper import Ensemble, EnsembleError
+from deploy.services.zookeeper import Ensemble, EnsembleError, four_letter_word
 from distcrond.coordination.base import LeaderInfo
 from distcrond.coordination.zookeeper import ZooKeeperCoordinationStore
 from distcrond.runs import RunRecord
@@ -206,6 +206,19 @@ def zookeeper_cpu(ensemble: Ensemble) -> float:
     return sum(
         cpu_seconds(pid) or 0.0 for n in ensemble.ids if (pid := ensemble.pid(n)) is not None
     )
+
+
+def zookeeper_requests(ensemble: Ensemble) -> float | None:
+    """Client requests the servers have received so far (``mntr``'s zk_packets_received,
+    summed); None when a server does not answer."""
+    total = 0.0
+    for n in ensemble.ids:
+        reply = four_letter_word(ensemble.client_port(n), "mntr", timeout=5.0) or ""
+        values = dict(line.split("\t", 1) for line in reply.splitlines() if "\t" in line)
+        if "zk_packets_received" not in values:
+            return None
+        total += float(values["zk_packets_received"])
+    return total
 
 
 def count_znodes(hosts: str, root: str) -> dict[str, int]:
@@ -594,6 +607,7 @@ class Step:
     zk_cpu_pct: float  # the three ZooKeeper servers together, % of one core
     leader: str | None  # the leader just after the window
     stages: Stages | None = None
+    zk_requests_per_run: float | None = None  # client requests the servers received, per run
 
     @property
     def passed(self) -> bool:
@@ -687,9 +701,9 @@ def throughput_step(
     ready_s = time.time() - written if ready else None
     window = make_window(seconds)
     sleep_until(window[0])
-    cpu0, zk0 = peers_cpu(cluster), zookeeper_cpu(ensemble)
+    cpu0, zk0, req0 = peers_cpu(cluster), zookeeper_cpu(ensemble), zookeeper_requests(ensemble)
     sleep_until(window[1])
-    cpu1, zk1 = peers_cpu(cluster), zookeeper_cpu(ensemble)
+    cpu1, zk1, req1 = peers_cpu(cluster), zookeeper_cpu(ensemble), zookeeper_requests(ensemble)
     sleep_until(window[1] + timedelta(seconds=COOLDOWN_S))
     full = read_ledger(plan.ledger)
     lo, hi = window[0].timestamp(), window[1].timestamp()
@@ -714,6 +728,7 @@ def throughput_step(
         100.0 * (zk1 - zk0) / seconds,
         leader,
         stages(store, plan, ledger, due) if store is not None else None,
+        (req1 - req0) / started if started and req0 is not None and req1 is not None else None,
     )
 
 
@@ -919,6 +934,10 @@ def print_throughput(result: ThroughputResult) -> None:
                 f"{s.cpu_pct.get(p, 0.0):7.0f}{'*' if p == s.leader else ' '}" for p in peer_ids
             ]
             print(f"{s.jobs:6d} " + " ".join(cells) + f" {s.zk_cpu_pct:10.0f}")
+        print(
+            "ZooKeeper client requests per run (mntr zk_packets_received, the three servers): "
+            + ", ".join(f"{s.jobs} jobs {opt(s.zk_requests_per_run, '.2f')}" for s in result.steps)
+        )
     first = result.steps[0] if result.steps else None
     if first is not None and first.stages is not None:
         st = first.stages
@@ -1077,6 +1096,7 @@ def print_summary(
                 "throughput: cost",
                 f"{opt(first.cpu_s_per_run, '.4f')} CPU s/run in the peers, "
                 f"{opt(first.zk_cpu_s_per_run, '.4f')} in ZooKeeper; "
+                f"{opt(first.zk_requests_per_run, '.1f')} ZooKeeper requests/run; "
                 f"{throughput.znodes.get('total', '-')} znodes; a prune pass "
                 + (f"{throughput.prune_scan[1]:.2f} s" if throughput.prune_scan else "-"),
             )
