@@ -513,7 +513,8 @@ class Executor:
             try:
                 self._settles.submit(report.run_id, report)
                 if not self._coordination.finishes_in_batches:
-                    self._finish(report)  # side by side with the other runs' finishes
+                    # Side by side with the other runs' finishes.
+                    self._coordination.finish_runs([self._finish_of(report)])
                 return
             except StoreUnavailable as e:
                 if self._clock.monotonic() > deadline:
@@ -533,12 +534,6 @@ class Executor:
         if self._coordination.finishes_in_batches:
             self._coordination.finish_runs([self._finish_of(report) for report in reports])
         return {run_id: True for run_id, _ in items}
-
-    def _finish(self, report: RunReport) -> None:
-        f = self._finish_of(report)
-        self._coordination.finish_run(
-            f.run_id, f.state, ended_at=f.ended_at, exit_code=f.exit_code, reason=f.reason
-        )
 
     def _finish_of(self, report: RunReport) -> Finish:
         return Finish(
