@@ -276,8 +276,12 @@ class Scheduler:
         due: list[tuple[datetime, str]] = []
         for slot, job_id in candidates:
             job = self._specs[job_id]
-            blocked = self._blocking(job, batch, Trigger.SCHEDULE)
-            look_again = _look_again(job, slot, now) if blocked else None
+            look_again = None
+            # Only a slot that can wait asks whether its job's active runs block it.
+            if (slot > now or _waits_for_previous(job)) and self._blocking(
+                job, batch, Trigger.SCHEDULE
+            ):
+                look_again = _look_again(job, slot, now)
             if look_again is not None:
                 heapq.heappush(self._held, (look_again, slot, job_id))  # fate depends on that run
             else:
@@ -565,7 +569,6 @@ class Scheduler:
                 self._reassign(record, target, now)
                 if target is not None:
                     load[target] += 1
-                    load[record.peer_id] -= 1
             elif record.state is RunState.RUNNING and record.run_id not in executing:
                 target = None
                 if record.at_least_once and node is not None:
