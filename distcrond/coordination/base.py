@@ -383,12 +383,12 @@ class CoordinationStore(ABC):
     def finish_runs(self, finishes: Sequence[Finish]) -> dict[str, RunRecord | None]:
         """:meth:`finish_run` of each run (without expectations): the record after, by run id.
         A store that can writes them together (see ``finishes_in_batches``)."""
-        return {
-            f.run_id: self.finish_run(
-                f.run_id, f.state, ended_at=f.ended_at, exit_code=f.exit_code, reason=f.reason
-            )
-            for f in finishes
-        }
+        return {f.run_id: self._finish_one(f) for f in finishes}
+
+    def _finish_one(self, f: Finish) -> RunRecord | None:
+        return self.finish_run(
+            f.run_id, f.state, ended_at=f.ended_at, exit_code=f.exit_code, reason=f.reason
+        )
 
     @abstractmethod
     def executing_runs(self) -> set[str]:

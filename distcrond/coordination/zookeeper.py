@@ -816,6 +816,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         with self._lock:
             return self._versions.pop(run_id, None)
 
+    def _read_record(self, path: str) -> tuple[RunRecord, int] | None:
+        """A run record and its znode version, read now; None if it does not exist."""
+        got = self._get(path)
+        return (_decode(got[0]), got[1].version) if got is not None else None
+
     def _read_versions(
         self, run_ids: Sequence[str], lost: bool
     ) -> dict[str, tuple[RunRecord, int]]:
@@ -876,13 +881,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             remembered = None if lost else self._recall_version(run_id)
             for _ in range(_CAS_ATTEMPTS):
                 fresh = remembered is None
-                if remembered is not None:
-                    (record, version), remembered = remembered, None
-                else:
-                    got = self._get(path)
-                    if got is None:
-                        return None
-                    record, version = _decode(got[0]), got[1].version
+                current, remembered = remembered or self._read_record(path), None
+                if current is None:
+                    return None
+                record, version = current
                 claimed = claimed_record(record, started_at)
                 if lost and record == claimed and record.peer_id == peer_id:
                     return record  # the attempt whose reply was lost did commit
@@ -967,7 +969,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         planned: dict[str, tuple[RunRecord, int]] = {}
         plans: dict[str, list[methodcaller]] = {}
         current = self._read_versions(run_ids, lost)
-        stale: set[str] = set()  # remembered and not claimable: claim_run reads them again
+        # Not claimable as read (maybe from memory): left to claim_run, which reads afresh.
+        stale: set[str] = set()
         for run_id in run_ids:
             if run_id not in current:
                 continue
@@ -1056,13 +1059,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             done.update(self._retry(attempt))
             for f in chunk:
                 if f.run_id not in done:
-                    done[f.run_id] = self.finish_run(
-                        f.run_id,
-                        f.state,
-                        ended_at=f.ended_at,
-                        exit_code=f.exit_code,
-                        reason=f.reason,
-                    )
+                    done[f.run_id] = self._finish_one(f)
         return done
 
     def _finish_batch(self, chunk: Sequence[Finish]) -> dict[str, RunRecord]:
@@ -1126,17 +1123,15 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             skip_delete: set[str] = set()
             remembered = None if lost else self._recall_version(run_id)
             for _ in range(_CAS_ATTEMPTS):
-                if remembered is not None:
-                    (existing, version), remembered = remembered, None
-                    if change(existing) is None:
-                        continue  # maybe stale: a refusal is only trusted from a fresh read
-                else:
-                    got = self._get(path)
-                    if got is None:
-                        return None, None
-                    existing, version = _decode(got[0]), got[1].version
+                fresh = remembered is None
+                current, remembered = remembered or self._read_record(path), None
+                if current is None:
+                    return None, None
+                existing, version = current
                 updated = change(existing)
                 if updated is None:
+                    if not fresh:
+                        continue  # maybe stale: a refusal is only trusted from a fresh read
                     return None, existing
                 before, after = self._index(existing), self._index(updated)
                 if existing.state == RunState.RUNNING and updated.state.terminal:
