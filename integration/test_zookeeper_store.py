@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from kazoo.client import KazooClient
-from kazoo.exceptions import ConnectionLoss, NoAuthError
+from kazoo.exceptions import ConnectionLoss, NoAuthError, UnimplementedError
 from kazoo.protocol.states import KazooState
 
 from distcrond.coordination.base import FencedOut, Finish, PeerInfo, TriggerRequest
@@ -414,6 +415,79 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
     assert again is not None and again.state is RunState.RUNNING
     assert sorted(batch_again) == sorted(r.run_id for r in batch)
     assert leader.executing_runs() == {one.run_id} | {r.run_id for r in batch}
+
+
+# -- many reads in one request (multiRead) -------------------------------------------
+
+
+class Sent:
+    """The request types a real KazooClient sends (all of them go through ``_call``); with
+    ``refuse``, requests of that type are answered with the error instead of being sent,
+    as a server that does not know them answers."""
+
+    def __init__(self, client: KazooClient, refuse: tuple[str, Exception] | None = None):
+        self.types: Counter[str] = Counter()
+        original = client._call
+
+        def call(request: Any, async_object: Any) -> object:
+            name = type(request).__name__
+            self.types[name] += 1
+            if refuse is not None and name == refuse[0]:
+                async_object.set_exception(refuse[1])
+                return False
+            return original(request, async_object)
+
+        client._call = call  # type: ignore[method-assign]
+
+
+def test_the_runs_handed_to_a_peer_are_read_in_one_request(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    pair = leader_and_executor(make_store)
+    sent = Sent(pair.executor_client)
+    runs = [run("backup", i, "e") for i in range(20)]
+
+    pair.leader.record_runs(pair.epoch, runs)  # one transaction: one change of the index
+
+    eventually(lambda: pair.events.run_ids() == {r.run_id for r in runs}, what="the watch")
+    assert sent.types == {"GetChildren": 1, "MultiRead": 1}
+    assert sorted(pair.events.records, key=lambda r: r.run_id) == sorted(
+        runs, key=lambda r: r.run_id
+    )
+
+
+def test_a_multi_read_answers_each_read_on_its_own(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, client) = make_store()
+    epoch = lead(leader, "l")
+    runs = [run("backup", 0, "e"), run("report", 1, "f")]
+    leader.record_runs(epoch, runs)
+    missing = run("backup", 5, "e").run_id  # its bucket exists; "nojob"'s does not
+    sent = Sent(client)
+
+    found = leader.get_runs([runs[0].run_id, missing, "nojob@2026-11-27T03:10:00Z", runs[1].run_id])
+    active = leader.active_run_ids()  # lists every peer's index and /active together
+
+    assert found == runs
+    assert active == {r.run_id for r in runs}
+    assert sent.types == {"MultiRead": 2, "GetChildren": 1}  # and the list of the peers
+
+
+def test_reads_are_sent_one_by_one_to_servers_without_multi_read(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (reader, client) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    runs = [run("backup", i, "e") for i in range(3)]
+    leader.record_runs(epoch, runs)
+    sent = Sent(client, refuse=("MultiRead", UnimplementedError()))
+
+    first = reader.get_runs([r.run_id for r in runs])
+    second = reader.get_runs([r.run_id for r in runs])
+
+    assert first == second == runs
+    assert sent.types == {"MultiRead": 1, "GetData": 6}  # asked once, then never again
 
 
 # -- watches across instances -------------------------------------------------------

@@ -62,7 +62,9 @@ from kazoo.exceptions import (
     RolledBackError,
     RuntimeInconsistency,
     SessionExpiredError,
+    UnimplementedError,
 )
+from kazoo.protocol.serialization import GetChildren, GetData
 from kazoo.protocol.states import KazooState
 from kazoo.recipe.lock import Lock
 from kazoo.security import make_digest_acl
@@ -87,6 +89,7 @@ from distcrond.coordination.base import (
     update_change,
 )
 from distcrond.coordination.zkpaths import ZKPaths
+from distcrond.coordination.zkwire import PollHandler, multi_read_async
 from distcrond.runs import (
     ACTIVE_STATES,
     RunRecord,
@@ -222,6 +225,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         if client is None:
             client = KazooClient(
                 hosts=hosts,
+                handler=PollHandler(),
                 timeout=session_timeout,
                 auth_data=auth_data,
                 default_acl=self._acl,
@@ -245,6 +249,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         # compare-and-set, and the record is read again. Taken out when used.
         self._versions: dict[str, tuple[RunRecord, int]] = {}
         self._ensured: set[str] = set()  # parent nodes known to exist
+        self._multi_read = True  # until the servers answer that they do not have it
         # Cursor (slot, znode version) as last read or written here; checked on every write.
         self._cursor_cache: dict[str, tuple[datetime, int]] = {}
         self._session_id: int | None = None
@@ -746,7 +751,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return _decode(got[0]) if got is not None else None
 
     def get_runs(self, run_ids: Iterable[str]) -> list[RunRecord]:
-        """Pipelined reads of the records."""
+        """The records, read together (one multiRead)."""
         paths = [self._paths.run(j, r) for r in run_ids if (j := _job_of(r)) is not None]
         found = self._retry(lambda _lost: self._get_many(paths))
         return [_decode(got[0]) for got in found if got is not None]
@@ -1478,15 +1483,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return None
 
     def _get_many(self, paths: Sequence[str]) -> list[tuple[bytes, Any] | None]:
-        """Pipelined gets: None for a path that does not exist."""
-        pending = [self._client.get_async(p) for p in paths]
-        out: list[tuple[bytes, Any] | None] = []
-        for result in pending:
-            try:
-                out.append(self._wait(result))
-            except NoNodeError:
-                out.append(None)
-        return out
+        """Many gets at once: None for a path that does not exist."""
+        return self._read_many([GetData(p, None) for p in paths])
 
     def _exists_many(self, paths: Sequence[str]) -> list[Any]:
         pending = [self._client.exists_async(p) for p in paths]
@@ -1499,14 +1497,42 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return []
 
     def _children_many(self, paths: Sequence[str]) -> list[list[str]]:
-        pending = [self._client.get_children_async(p) for p in paths]
-        out: list[list[str]] = []
-        for result in pending:
+        """Many listings at once: [] for a path that does not exist."""
+        return [list(c or ()) for c in self._read_many([GetChildren(p, None) for p in paths])]
+
+    def _read_many(self, operations: Sequence[GetData | GetChildren]) -> list[Any]:
+        """The answers of many reads (None for a node that does not exist): one multiRead
+        request per ``_BATCH`` of them (see zkwire), or, where the servers do not have it
+        (before 3.6), a request each, pipelined."""
+        answers: list[Any] = []
+        if self._multi_read and len(operations) > 1:
+            chunks = [operations[i : i + _BATCH] for i in range(0, len(operations), _BATCH)]
+            pending = [multi_read_async(self._client, chunk) for chunk in chunks]
             try:
-                out.append(list(self._wait(result)))
-            except NoNodeError:
-                out.append([])
-        return out
+                for result in pending:
+                    answers += self._wait(result)
+            except UnimplementedError:
+                log.info("ZooKeeper %s has no multiRead: reads are pipelined", self._hosts)
+                self._multi_read = False
+                return self._read_many(operations)
+        else:
+            pending = [
+                self._client.get_async(op.path)
+                if isinstance(op, GetData)
+                else self._client.get_children_async(op.path)
+                for op in operations
+            ]
+            for result in pending:
+                try:
+                    answers.append(self._wait(result))
+                except NoNodeError as e:
+                    answers.append(e)
+        for i, answer in enumerate(answers):
+            if isinstance(answer, NoNodeError):
+                answers[i] = None
+            elif isinstance(answer, Exception):
+                raise answer
+        return answers
 
     def _delete(self, path: str) -> None:
         """Delete ``path``; already gone counts as done."""

@@ -487,6 +487,7 @@ class FailoverResult:
     logs: dict[str, Any] = field(default_factory=dict)
     aborted: str | None = None
     prune_scan: tuple[int, float] | None = None  # (znodes under /runs, seconds)
+    warmup: Step | None = None  # the same load before the first window, not judged
 
 
 def failover_plan(workdir: Path) -> Plan:
@@ -733,7 +734,7 @@ def throughput_step(
 
 
 def run_throughput(
-    ensemble: Ensemble, workdir: Path, seconds: float, ramp_seconds: float
+    ensemble: Ensemble, workdir: Path, seconds: float, ramp_seconds: float, warmup: float
 ) -> ThroughputResult:
     zk_root = "/bench-throughput"
     result = ThroughputResult()
@@ -741,6 +742,9 @@ def run_throughput(
     set_jobs(cluster, make_plan("spread", workdir, "cluster", THROUGHPUT_JOBS))
     try:
         start_cluster(cluster)
+        if warmup > 0:  # the servers' JIT compiles under this load (see the README)
+            result.warmup = throughput_step(cluster, ensemble, workdir, THROUGHPUT_JOBS, warmup)
+            print(f"  warm-up, not judged: {describe_step(result.warmup)}", flush=True)
         with observer(ensemble.hosts, zk_root) as store:
             first = throughput_step(cluster, ensemble, workdir, THROUGHPUT_JOBS, seconds, store)
             result.znodes = count_znodes(ensemble.hosts, zk_root)
@@ -1133,6 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = float(os.environ.get("BENCH_SECONDS", "60"))
     ramp_seconds = float(os.environ.get("BENCH_RAMP_SECONDS", "20"))
+    warmup = float(os.environ.get("BENCH_WARMUP_SECONDS", "60"))
     keep = bool(os.environ.get("BENCH_KEEP"))
     workdir = Path(tempfile.mkdtemp(prefix="distcrond-cluster-bench-"))
     # A SIGTERM to the benchmark still runs the finally blocks below (no process left behind).
@@ -1141,8 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
         f"distcrond cluster benchmark: 3 peers on 3 ZooKeeper servers (127.0.0.1:{ZK_BASE_PORT}-"
         f"{ZK_BASE_PORT + 2}), session timeout {SESSION_TIMEOUT_S:g} s; failover: "
         f"{FAILOVER_JOBS} jobs at 1 s, {args.kills} x kill -9 then {args.kills} x SIGTERM "
-        f"on the leader; throughput: {THROUGHPUT_JOBS} fuzzy jobs for {seconds:g} s, then "
-        f"{ramp_seconds:g} s steps; {os.cpu_count()} CPUs",
+        f"on the leader; throughput: {THROUGHPUT_JOBS} fuzzy jobs for {warmup:g} s of warm-up, "
+        f"{seconds:g} s measured, then {ramp_seconds:g} s steps; {os.cpu_count()} CPUs",
         flush=True,
     )
     ensemble = Ensemble(workdir / "zookeeper", servers=3, base_port=ZK_BASE_PORT, tick_ms=500)
@@ -1153,7 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only != "throughput":
             failover = run_failover(ensemble, workdir, args.kills)
         if args.only != "failover":
-            throughput = run_throughput(ensemble, workdir, seconds, ramp_seconds)
+            throughput = run_throughput(ensemble, workdir, seconds, ramp_seconds, warmup)
     except (StartFailed, EnsembleError) as e:
         print(f"could not start: {e}")
         print(f"logs kept in {workdir}")
@@ -1195,6 +1200,7 @@ def main(argv: list[str] | None = None) -> int:
             "signal_lead_s": SIGNAL_LEAD_S,
             "seconds": seconds,
             "ramp_seconds": ramp_seconds,
+            "warmup_seconds": warmup,
             "kills": args.kills,
             "failover": failover_json(failover, summary),
             "throughput": throughput_json(throughput),
@@ -1232,6 +1238,9 @@ def throughput_json(result: ThroughputResult | None) -> dict[str, Any] | None:
         return None
     best = highest_passing(result)
     return {
+        "warmup": None
+        if result.warmup is None
+        else {**asdict(result.warmup), "figures": result.warmup.figures.as_dict()},
         "steps": [
             {**asdict(s), "figures": s.figures.as_dict(), "passed": s.passed} for s in result.steps
         ],

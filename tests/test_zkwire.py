@@ -1,0 +1,122 @@
+"""The kazoo additions of distcrond.coordination.zkwire, byte by byte and socket by socket
+(their use against a real ensemble is in integration/test_zookeeper_store.py)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.protocol.serialization import GetChildren, GetData, ZnodeStat
+
+from distcrond.coordination.zkwire import MULTI_READ, MultiRead, PollHandler
+
+pytestmark = pytest.mark.timeout(10)
+
+STAT = ZnodeStat(1, 2, 3, 4, 5, 6, 7, 0, 3, 0, 1)
+
+
+def header(op_type: int, done: bool = False, err: int = -1) -> bytes:
+    return struct.pack("!iBi", op_type, 1 if done else 0, err)
+
+
+def string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack("!i", len(data)) + data
+
+
+def stat_bytes(stat: ZnodeStat) -> bytes:
+    return struct.pack("!qqqqiiiqiiq", *stat)
+
+
+def test_a_multi_read_is_sent_as_zookeeper_frames_its_operations():
+    request = MultiRead([GetData("/a", None), GetChildren("/b", None)])
+
+    assert request.type == MULTI_READ == 22
+    assert bytes(request.serialize()) == (
+        header(4) + string("/a") + b"\0" + header(8) + string("/b") + b"\0" + header(-1, True)
+    )
+
+
+def test_a_multi_read_sets_no_watch():
+    with pytest.raises(ValueError, match="no watch"):
+        MultiRead([GetData("/a", lambda event: None)]).serialize()
+
+
+def test_the_answer_is_read_in_the_operations_order_with_each_failure_on_its_own():
+    answer = (
+        header(4, err=0)
+        + struct.pack("!i", 3)
+        + b"abc"
+        + stat_bytes(STAT)
+        + header(-1, err=NoNodeError.code)
+        + struct.pack("!i", NoNodeError.code)
+        + header(8, err=0)
+        + struct.pack("!i", 2)
+        + string("x")
+        + string("y")
+        + header(4, err=0)
+        + struct.pack("!i", -1)  # a node without data
+        + stat_bytes(STAT)
+        + header(-1, err=NoAuthError.code)
+        + struct.pack("!i", NoAuthError.code)
+        + header(-1, True)
+    )
+    prefix = b"ignored"
+
+    results = MultiRead.deserialize(prefix + answer, len(prefix))
+
+    assert results[0] == (b"abc", STAT)
+    assert isinstance(results[1], NoNodeError)
+    assert results[2] == ["x", "y"]
+    assert results[3] == (None, STAT)  # as kazoo's get answers it
+    assert isinstance(results[4], NoAuthError)
+    assert len(results) == 5
+
+
+def test_an_answer_of_an_unexpected_kind_is_an_error():
+    with pytest.raises(ValueError, match="unexpected result type 5"):
+        MultiRead.deserialize(header(5, err=0) + header(-1, True), 0)
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_poll_select_waits_at_most_its_timeout_when_nothing_is_ready(pair):
+    a, _ = pair
+    started = time.monotonic()
+
+    assert PollHandler().select([a], [], [], 0.05) == ([], [], [])
+    assert time.monotonic() - started >= 0.04
+
+
+def test_poll_select_names_the_objects_ready_for_reading_and_writing(pair):
+    a, b = pair
+    b.send(b"x")
+
+    readable, writable, _ = PollHandler().select([a, b.fileno()], [a], [], 1.0)
+
+    assert readable == [a] and writable == [a]  # b has nothing to read; a can write
+
+
+def test_poll_select_reports_a_closed_peer_as_readable(pair):
+    a, b = pair
+    b.close()
+
+    assert PollHandler().select([a], [], [], 1.0)[0] == [a]  # the read then sees the end
+
+
+def test_poll_select_refuses_a_negative_timeout_or_a_closed_socket(pair):
+    a, b = pair
+    with pytest.raises(ValueError):
+        PollHandler().select([a], [], [], -1)
+    b.close()
+    with pytest.raises(ValueError):
+        PollHandler().select([b], [], [], 0)
