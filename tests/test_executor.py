@@ -16,6 +16,7 @@ from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import ClaimInterrupted, StoreUnavailable
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
+from distcrond.execution import executor as executor_module
 from distcrond.execution.base import Attempt, RunRequest
 from distcrond.execution.executor import SETTLE_DEFER, Executor, _Flight
 from distcrond.execution.local import LocalRunner
@@ -453,6 +454,31 @@ def test_settling_does_not_wait_on_a_start_that_is_already_overdue(h: Harness) -
     began = time.monotonic()
     ex._yield_to_starts()
     assert time.monotonic() - began < SETTLE_DEFER / 2
+
+
+def test_runs_that_end_within_the_gathering_time_are_settled_together(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "SETTLE_GATHER", 0.5)  # wide: no race with a slow CI
+    batches: list[int] = []
+    write = h.reports.write
+    monkeypatch.setattr(
+        h.reports, "write", lambda reports: (batches.append(len(reports)), write(reports))
+    )
+    job = h.job("gathered")
+    records = [h.assign(job.id, slot=datetime.now(UTC) - timedelta(seconds=i)) for i in (1, 2)]
+    reports = [
+        RunReport(r.run_id, r.job_id, r.slot, RunState.SUCCEEDED, "n1", "p1", attempts=1)
+        for r in records
+    ]
+    first = threading.Thread(target=h.executor._settle, args=(reports[0],))
+    first.start()
+    time.sleep(0.05)  # the second run ends 50 ms after the first (not a synchronisation)
+    h.executor._settle(reports[1])
+    first.join(5)
+
+    assert batches == [2]
+    assert all(h.reports.get(r.run_id) is not None for r in records)
 
 
 class InterruptedCoordination(SQLiteCoordinationStore):
