@@ -447,13 +447,70 @@ def test_the_runs_handed_to_a_peer_are_read_in_one_request(
     sent = Sent(pair.executor_client)
     runs = [run("backup", i, "e") for i in range(20)]
 
-    pair.leader.record_runs(pair.epoch, runs)  # one transaction: one change of the index
+    pair.leader.record_runs(pair.epoch, runs)  # one transaction: 20 events, one by one
 
     eventually(lambda: pair.events.run_ids() == {r.run_id for r in runs}, what="the watch")
-    assert sent.types == {"GetChildren": 1, "MultiRead": 1}
+    # The persistent watch names each run: no listing of the directory, and no read per
+    # run: the events of one transaction are read together (a busy machine may split them).
+    assert sent.types["GetChildren"] == 0
+    assert set(sent.types) <= {"MultiRead", "GetData"} and sum(sent.types.values()) <= 4
     assert sorted(pair.events.records, key=lambda r: r.run_id) == sorted(
         runs, key=lambda r: r.run_id
     )
+
+
+def test_runs_assigned_around_a_cut_connection_reach_the_peers_watch_once(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    """The server forgets a persistent watch with the connection: the store arms it
+    again and lists what changed meanwhile."""
+    pair = leader_and_executor(make_store)
+    leader, events = pair.leader, pair.events
+    before, during, after = (run("backup", i, "e") for i in range(3))
+    leader.record_runs(pair.epoch, [before])
+    eventually(lambda: events.has(before.run_id, "assigned"), what="the first run")
+
+    drop_connection(pair.executor_client)
+    leader.record_runs(pair.epoch, [during])
+    eventually(lambda: events.has(during.run_id, "assigned"), what="the run assigned meanwhile")
+    leader.record_runs(pair.epoch, [after])
+
+    eventually(lambda: events.has(after.run_id, "assigned"), what="a run assigned after")
+    assert not events.duplicate.is_set()
+
+
+def test_runs_assigned_across_an_expired_session_reach_the_peers_watch(
+    hosts: str,
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    pair = leader_and_executor(make_store)
+    leader, events = pair.leader, pair.events
+
+    expire_session(hosts, pair.executor_client)
+    runs = [run("backup", i, "e") for i in range(2)]
+    for r in runs:
+        leader.record_runs(pair.epoch, [r])
+
+    eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="both runs")
+    assert not events.duplicate.is_set()
+
+
+def test_servers_without_persistent_watches_get_children_watches(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, client_e) = make_store(), make_store()
+    epoch = lead(leader, "l")
+    sent = Sent(client_e, refuse=("AddWatch", UnimplementedError()))
+    events = RunEvents()
+    executor.watch_runs("e", events)
+    executor.watch_runs("f", events)
+    runs = [run("backup", 0, "e"), run("backup", 1, "f")]
+
+    leader.record_runs(epoch, runs)
+
+    eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="the children watches")
+    assert sent.types["AddWatch"] == 1  # asked once, then never again
+    assert sent.types["GetChildren"] >= 4  # each directory listed, then again on the change
 
 
 def test_a_multi_read_answers_each_read_on_its_own(

@@ -11,7 +11,15 @@ import pytest
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.protocol.serialization import GetChildren, GetData, ZnodeStat
 
-from distcrond.coordination.zkwire import MULTI_READ, MultiRead, PollHandler
+from distcrond.coordination.zkwire import (
+    MULTI_READ,
+    NODE_CREATED,
+    PERSISTENT_RECURSIVE,
+    AddWatch,
+    MultiRead,
+    PollHandler,
+    route_watch_events,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -120,3 +128,42 @@ def test_poll_select_refuses_a_negative_timeout_or_a_closed_socket(pair):
     b.close()
     with pytest.raises(ValueError):
         PollHandler().select([b], [], [], 0)
+
+
+def test_an_add_watch_is_sent_as_zookeeper_frames_it():
+    request = AddWatch("/a/b")
+
+    assert request.type == 106
+    assert bytes(request.serialize()) == string("/a/b") + struct.pack("!i", PERSISTENT_RECURSIVE)
+    assert AddWatch.deserialize(struct.pack("!i", 0), 0) is True
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.read: list[tuple[bytes, int]] = []
+
+    def _read_watch_event(self, buffer: bytes, offset: int) -> None:
+        self.read.append((buffer, offset))
+
+
+class FakeClient:
+    """What route_watch_events uses of a KazooClient: its connection and unchroot."""
+
+    def __init__(self) -> None:
+        self._connection = FakeConnection()
+
+    def unchroot(self, path: str) -> str:
+        return path.removeprefix("/chroot")
+
+
+def test_watch_events_are_routed_then_handed_to_kazoo():
+    client = FakeClient()
+    connection = client._connection
+    routed: list[tuple[int, str]] = []
+    route_watch_events(client, lambda kind, path: routed.append((kind, path)))  # type: ignore[arg-type]
+    event = struct.pack("!ii", NODE_CREATED, 3) + string("/chroot/assignments/e/r1")
+
+    client._connection._read_watch_event(b"xx" + event, 2)
+
+    assert routed == [(NODE_CREATED, "/assignments/e/r1")]
+    assert connection.read == [(b"xx" + event, 2)]  # kazoo's own watchers still see it

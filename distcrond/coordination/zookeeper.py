@@ -89,7 +89,14 @@ from distcrond.coordination.base import (
     update_change,
 )
 from distcrond.coordination.zkpaths import ZKPaths
-from distcrond.coordination.zkwire import PollHandler, multi_read_async
+from distcrond.coordination.zkwire import (
+    NODE_CREATED,
+    NODE_DELETED,
+    PollHandler,
+    add_watch_async,
+    multi_read_async,
+    route_watch_events,
+)
 from distcrond.runs import (
     ACTIVE_STATES,
     RunRecord,
@@ -119,6 +126,10 @@ _BATCH = 100
 # Run records remembered with their version (see ``_versions``): beyond, the memory starts
 # afresh (entries of runs finished by another peer are otherwise dropped at their finish).
 _VERSIONS_MAX = 10_000
+# After a failed read of the runs a persistent watch reported, list its directory again.
+_RELIST_AFTER = 1.0  # seconds
+# A persistent watch's first event waits this long for the others of its transaction.
+_DRAIN_GATHER = 0.002  # seconds
 
 
 def _encode(record: RunRecord) -> bytes:
@@ -176,6 +187,12 @@ class _RunWatcher:
     callback: Callable[[RunRecord], None]
     seen: set[tuple[str, str]] = field(default_factory=set)
     children: dict[str, set[str]] = field(default_factory=dict)  # kind -> known child names
+    # A persistent watch on the assignments: the changes its events told, not yet handed
+    # to the dispatch thread; while the directory is being listed, the events in order.
+    arrived: set[str] = field(default_factory=set)
+    departed: set[str] = field(default_factory=set)
+    draining: bool = False
+    listing: list[tuple[str, bool]] | None = None
 
 
 @dataclass
@@ -250,6 +267,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._versions: dict[str, tuple[RunRecord, int]] = {}
         self._ensured: set[str] = set()  # parent nodes known to exist
         self._multi_read = True  # until the servers answer that they do not have it
+        self._persistent_watches = True  # likewise
+        # Assignment directories under a persistent watch -> their watcher.
+        self._watched: dict[str, _RunWatcher] = {}
         # Cursor (slot, znode version) as last read or written here; checked on every write.
         self._cursor_cache: dict[str, tuple[datetime, int]] = {}
         self._session_id: int | None = None
@@ -259,6 +279,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         )
         self._dispatcher.start()
         client.add_listener(self._on_state)
+        route_watch_events(client, self._on_watch_event)
         try:
             if not client.connected:
                 with warnings.catch_warnings():  # "No chroot path exists": created below
@@ -1194,17 +1215,18 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     def watch_runs(self, peer_id: str, callback: Callable[[RunRecord], None]) -> None:
         """Call ``callback`` once for each run assigned to ``peer_id`` and once when a
         cancel is requested for one of its active runs: first those existing now, then
-        new ones (kazoo children watches on the peer's ``/assignments`` and ``/cancels``).
-        Called on the dispatch thread."""
+        new ones. The peer's ``/assignments`` are under a persistent recursive watch
+        (whose events name each run created or deleted there), or, on servers without
+        those, a kazoo children watch like its ``/cancels``. Called on the dispatch thread."""
         watcher = _RunWatcher(peer_id, callback)
         with self._lock:
             self._run_watchers.append(watcher)
-        for kind, directory in (
-            (_ASSIGNED, self._paths.assignments_of(peer_id)),
-            (_CANCEL, self._paths.cancels_of(peer_id)),
-        ):
-            self._ensure_parents({directory})
-            self._client.ChildrenWatch(directory, self._children_watch(watcher, kind))
+        assignments = self._paths.assignments_of(peer_id)
+        cancels = self._paths.cancels_of(peer_id)
+        self._ensure_parents({assignments, cancels})
+        if not self._watch_persistently(watcher, assignments):
+            self._client.ChildrenWatch(assignments, self._children_watch(watcher, _ASSIGNED))
+        self._client.ChildrenWatch(cancels, self._children_watch(watcher, _CANCEL))
 
     def _children_watch(
         self, watcher: _RunWatcher, kind: str
@@ -1213,16 +1235,123 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             with self._lock:
                 if self._closed or watcher not in self._run_watchers:
                     return False
-                known = watcher.children.setdefault(kind, set())
-                current = set(children)
-                new, gone = current - known, known - current
-                known.clear()
-                known.update(current)
+                new, gone = self._listed(watcher, kind, set(children))
             if new or gone:
                 self._dispatch(lambda: self._check_runs(watcher, kind, sorted(new), gone))
             return None
 
         return on_children
+
+    @staticmethod
+    def _listed(watcher: _RunWatcher, kind: str, current: set[str]) -> tuple[set[str], set[str]]:
+        """(new, gone) children of a directory listed again; the listing is now known.
+        Under the lock."""
+        known = watcher.children.setdefault(kind, set())
+        new, gone = current - known, known - current
+        known.clear()
+        known.update(current)
+        return new, gone
+
+    def _watch_persistently(self, watcher: _RunWatcher, directory: str) -> bool:
+        """Put ``directory`` under a persistent recursive watch, then list it (reporting
+        what it holds); False where the servers have no such watches."""
+        if not self._persistent_watches:
+            return False
+        with self._lock:
+            self._watched[directory] = watcher
+        try:
+            self._arm(directory)
+        except UnimplementedError:
+            log.info("ZooKeeper %s has no persistent watches: children watches", self._hosts)
+            self._persistent_watches = False
+            with self._lock:
+                self._watched.pop(directory, None)
+            return False
+        except StoreUnavailable as exc:  # the next connection arms it
+            log.warning("watch of %s: not armed yet (%s)", directory, exc)
+        return True
+
+    def _arm(self, directory: str) -> None:
+        """Add the persistent watch on ``directory`` (again, after a reconnection: the
+        server forgot it with the connection), then list the directory: the runs created
+        or deleted while it was not watched. The events received meanwhile are replayed,
+        in order, over the listing (a listing answered before them may miss them)."""
+        with self._lock:
+            watcher = self._watched.get(directory)
+            if watcher is None:
+                return
+            watcher.listing = []
+        try:
+            children = self._retry(
+                lambda _lost: (
+                    self._wait(add_watch_async(self._client, directory)),
+                    self._children(directory),
+                )[1]
+            )
+        except BaseException:
+            with self._lock:
+                watcher.listing = None
+            raise
+        with self._lock:
+            current = set(children)
+            for name, created in watcher.listing or ():
+                (current.add if created else current.discard)(name)
+            watcher.listing = None
+            new, gone = self._listed(watcher, _ASSIGNED, current)
+            watcher.arrived = (watcher.arrived - gone) | new
+            watcher.departed = (watcher.departed - new) | gone
+            schedule = (new or gone) and not watcher.draining
+            watcher.draining = watcher.draining or bool(schedule)
+        if schedule:
+            self._dispatch(lambda: self._drain(watcher))
+
+    def _rearm(self, directory: str) -> None:
+        """Dispatch thread: :meth:`_arm`; a failure waits for the next reconnection."""
+        try:
+            self._arm(directory)
+        except (StoreUnavailable, KazooException) as exc:
+            log.warning("watch of %s: not armed again (%r); next reconnection", directory, exc)
+
+    def _on_watch_event(self, event_type: int, path: str) -> None:
+        """Every watch event the client receives (its connection thread: no I/O)."""
+        if event_type not in (NODE_CREATED, NODE_DELETED):
+            return
+        directory, _, name = path.rpartition("/")
+        created = event_type == NODE_CREATED
+        with self._lock:
+            watcher = self._watched.get(directory)
+            if watcher is None or self._closed or not name:
+                return
+            if watcher.listing is not None:  # replayed over the listing
+                watcher.listing.append((name, created))
+                return
+            known = watcher.children.setdefault(_ASSIGNED, set())
+            if created == (name in known):
+                return  # already known so
+            if created:
+                known.add(name)
+                watcher.arrived.add(name)
+                watcher.departed.discard(name)
+            else:
+                known.discard(name)
+                watcher.departed.add(name)
+                watcher.arrived.discard(name)
+            if watcher.draining:
+                return  # the drain already dispatched takes it
+            watcher.draining = True
+        self._dispatch(lambda: self._drain(watcher))
+
+    def _drain(self, watcher: _RunWatcher) -> None:
+        """Dispatch thread: the runs a persistent watch saw arrive and leave since the last
+        drain, all together (one read of the new records). The events of one transaction
+        come one by one: the drain lets them all arrive first (_DRAIN_GATHER)."""
+        time.sleep(_DRAIN_GATHER)  # gathering events, not synchronisation
+        with self._lock:
+            new, gone = sorted(watcher.arrived), set(watcher.departed)
+            watcher.arrived.clear()
+            watcher.departed.clear()
+            watcher.draining = False
+        self._check_runs(watcher, _ASSIGNED, new, gone)
 
     def _check_runs(
         self, watcher: _RunWatcher, kind: str, run_ids: list[str], gone: set[str]
@@ -1237,9 +1366,16 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             found = self._retry(lambda _lost: self._get_many(paths))
         except StoreUnavailable as exc:
             log.warning("watch of %s: could not read new runs: %s", watcher.peer_id, exc)
-            # Forget them so that the next children change reports them again.
+            # Forget them so that the next listing reports them again: a children watch
+            # lists after the next change; a persistent watch is listed again in a second.
             with self._lock:
                 watcher.children.get(kind, set()).difference_update(run_ids)
+                again = [d for d, w in self._watched.items() if w is watcher and kind == _ASSIGNED]
+            for directory in again:
+                rearm = functools.partial(self._rearm, directory)
+                timer = threading.Timer(_RELIST_AFTER, self._dispatch, (rearm,))
+                timer.daemon = True
+                timer.start()
             return
         for got in found:
             if got is not None:
@@ -1633,12 +1769,17 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return None
 
     def _after_reconnection(self) -> None:
-        """Dispatch thread: in a new session, re-create this instance's peer records.
+        """Dispatch thread: after any reconnection, arm the persistent watches again;
+        in a new session, also re-create this instance's peer records.
 
         Heartbeats are not re-created: the runs claimed in the lost session are
         over for the cluster (the leader settles them as ``unknown``, or re-runs an
         ``at_least_once`` one); whatever the process still does is not theirs.
         """
+        with self._lock:
+            directories = list(self._watched)
+        for directory in directories:
+            self._rearm(directory)
         session = self._current_session()
         if session is None or self._session_id is None or session == self._session_id:
             return  # the first connection (the constructor records it), or the same session
