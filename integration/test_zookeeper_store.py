@@ -92,7 +92,7 @@ def make_store(
     """A store on its own KazooClient (the test may break its connection); closed at the end."""
 
     def build(
-        auth: tuple[str, str] | None = None,
+        auth: tuple[str, str] | None = None, op_timeout: float = 10.0
     ) -> tuple[ZooKeeperCoordinationStore, KazooClient]:
         client = KazooClient(
             hosts=hosts,
@@ -102,7 +102,9 @@ def make_store(
         client.start(timeout=30)
         stack.callback(client.close)
         stack.callback(client.stop)
-        store = ZooKeeperCoordinationStore(hosts, client=client, auth=auth)
+        store = ZooKeeperCoordinationStore(
+            hosts, client=client, auth=auth, session_timeout=op_timeout
+        )
         stack.callback(store.close)
         return store, client
 
@@ -422,17 +424,23 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 
 class Sent:
     """The request types a real KazooClient sends (all of them go through ``_call``); with
-    ``refuse``, requests of that type are answered with the error instead of being sent,
-    as a server that does not know them answers."""
+    ``refuse``, requests of that type are answered with the error instead of being sent
+    (until ``refuse_until``, a time.monotonic() instant), as a server that does not know
+    them, or an unreachable one, answers."""
 
-    def __init__(self, client: KazooClient, refuse: tuple[str, Exception] | None = None):
+    def __init__(
+        self,
+        client: KazooClient,
+        refuse: tuple[tuple[str, ...], Exception] | None = None,
+        refuse_until: float = float("inf"),
+    ):
         self.types: Counter[str] = Counter()
         original = client._call
 
         def call(request: Any, async_object: Any) -> object:
             name = type(request).__name__
             self.types[name] += 1
-            if refuse is not None and name == refuse[0]:
+            if refuse is not None and name in refuse[0] and time.monotonic() < refuse_until:
                 async_object.set_exception(refuse[1])
                 return False
             return original(request, async_object)
@@ -495,12 +503,29 @@ def test_runs_assigned_across_an_expired_session_reach_the_peers_watch(
     assert not events.duplicate.is_set()
 
 
+def test_runs_whose_read_failed_reach_the_watch_when_the_directory_is_listed_again(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (leader, _), (executor, client_e) = make_store(), make_store(op_timeout=2.0)
+    epoch = lead(leader, "l")
+    events = RunEvents()
+    executor.watch_runs("e", events)
+    runs = [run("backup", i, "e") for i in range(2)]
+    # Reads fail for longer than the store retries them (its 2 s).
+    Sent(client_e, (("MultiRead", "GetData"), ConnectionLoss()), time.monotonic() + 3)
+
+    leader.record_runs(epoch, runs)
+
+    eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="both runs")
+    assert not events.duplicate.is_set()
+
+
 def test_servers_without_persistent_watches_get_children_watches(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
     (leader, _), (executor, client_e) = make_store(), make_store()
     epoch = lead(leader, "l")
-    sent = Sent(client_e, refuse=("AddWatch", UnimplementedError()))
+    sent = Sent(client_e, refuse=(("AddWatch",), UnimplementedError()))
     events = RunEvents()
     executor.watch_runs("e", events)
     executor.watch_runs("f", events)
@@ -538,7 +563,7 @@ def test_reads_are_sent_one_by_one_to_servers_without_multi_read(
     epoch = lead(leader, "l")
     runs = [run("backup", i, "e") for i in range(3)]
     leader.record_runs(epoch, runs)
-    sent = Sent(client, refuse=("MultiRead", UnimplementedError()))
+    sent = Sent(client, refuse=(("MultiRead",), UnimplementedError()))
 
     first = reader.get_runs([r.run_id for r in runs])
     second = reader.get_runs([r.run_id for r in runs])

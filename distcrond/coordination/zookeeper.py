@@ -126,7 +126,8 @@ _BATCH = 100
 # Run records remembered with their version (see ``_versions``): beyond, the memory starts
 # afresh (entries of runs finished by another peer are otherwise dropped at their finish).
 _VERSIONS_MAX = 10_000
-# After a failed read of the runs a persistent watch reported, list its directory again.
+# A persistent watch that could not be armed, or whose new runs could not be read, is
+# armed (and its directory listed) again this much later.
 _RELIST_AFTER = 1.0  # seconds
 # A persistent watch's first event waits this long for the others of its transaction.
 _DRAIN_GATHER = 0.002  # seconds
@@ -1267,8 +1268,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             with self._lock:
                 self._watched.pop(directory, None)
             return False
-        except StoreUnavailable as exc:  # the next connection arms it
-            log.warning("watch of %s: not armed yet (%s)", directory, exc)
+        except StoreUnavailable as exc:
+            log.warning("watch of %s: not armed yet (%s); trying again", directory, exc)
+            self._rearm_later(directory)
         return True
 
     def _arm(self, directory: str) -> None:
@@ -1306,11 +1308,21 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             self._dispatch(lambda: self._drain(watcher))
 
     def _rearm(self, directory: str) -> None:
-        """Dispatch thread: :meth:`_arm`; a failure waits for the next reconnection."""
+        """Dispatch thread: :meth:`_arm`, tried again later while it fails."""
+        if self._closed:
+            return
         try:
             self._arm(directory)
         except (StoreUnavailable, KazooException) as exc:
-            log.warning("watch of %s: not armed again (%r); next reconnection", directory, exc)
+            log.warning("watch of %s: not armed again (%r); trying again", directory, exc)
+            self._rearm_later(directory)
+
+    def _rearm_later(self, directory: str) -> None:
+        """Arm (and list) ``directory`` again in ``_RELIST_AFTER``, on the dispatch thread."""
+        rearm = functools.partial(self._rearm, directory)
+        timer = threading.Timer(_RELIST_AFTER, self._dispatch, (rearm,))
+        timer.daemon = True
+        timer.start()
 
     def _on_watch_event(self, event_type: int, path: str) -> None:
         """Every watch event the client receives (its connection thread: no I/O)."""
@@ -1372,10 +1384,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 watcher.children.get(kind, set()).difference_update(run_ids)
                 again = [d for d, w in self._watched.items() if w is watcher and kind == _ASSIGNED]
             for directory in again:
-                rearm = functools.partial(self._rearm, directory)
-                timer = threading.Timer(_RELIST_AFTER, self._dispatch, (rearm,))
-                timer.daemon = True
-                timer.start()
+                self._rearm_later(directory)
             return
         for got in found:
             if got is not None:
