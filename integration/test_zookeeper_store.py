@@ -419,12 +419,12 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
     assert leader.executing_runs() == {one.run_id} | {r.run_id for r in batch}
 
 
-# -- many reads in one request (multiRead) -------------------------------------------
+# -- reads: multiRead, and the persistent watch on a peer's assignments ---------------
 
 
 class Sent:
     """The request types a real KazooClient sends (all of them go through ``_call``); with
-    ``refuse``, requests of that type are answered with the error instead of being sent
+    ``refuse``, requests of those types are answered with the error instead of being sent
     (until ``refuse_until``, a time.monotonic() instant), as a server that does not know
     them, or an unreachable one, answers."""
 
@@ -448,7 +448,7 @@ class Sent:
         client._call = call  # type: ignore[method-assign]
 
 
-def test_the_runs_handed_to_a_peer_are_read_in_one_request(
+def test_the_runs_handed_to_a_peer_are_read_together_without_listing_its_directory(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
     pair = leader_and_executor(make_store)
