@@ -487,7 +487,6 @@ class FailoverResult:
     logs: dict[str, Any] = field(default_factory=dict)
     aborted: str | None = None
     prune_scan: tuple[int, float] | None = None  # (znodes under /runs, seconds)
-    warmup: Step | None = None  # the same load before the first window, not judged
 
 
 def failover_plan(workdir: Path) -> Plan:
@@ -623,6 +622,7 @@ class ThroughputResult:
     baseline: Figures | None = None
     logs: dict[str, Any] = field(default_factory=dict)
     prune_scan: tuple[int, float] | None = None  # (znodes under /runs, seconds)
+    warmup: Step | None = None  # the same load before the first window, not judged
 
 
 def set_jobs(cluster: Cluster, plan: Plan) -> None:
