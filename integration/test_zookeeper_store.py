@@ -135,6 +135,14 @@ def expire_session(hosts: str, client: KazooClient) -> None:
     eventually(lambda: KazooState.LOST in states, what="the session to be lost")
 
 
+def caught_up(*clients: KazooClient) -> None:
+    """ZooKeeper orders a session's reads after its own writes, not after another
+    session's (its server may be a follower a little behind): a client about to check
+    what another one wrote first has its server catch up with the leader."""
+    for client in clients:
+        client.sync("/")
+
+
 def drop_connection(client: KazooClient) -> None:
     """Cut the TCP connection under kazoo's feet: SUSPENDED, then CONNECTED again in the
     same session (kazoo reconnects at once)."""
@@ -266,7 +274,7 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
     hosts: str,
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (leader, _), (executor, client_e) = make_store(), make_store()
+    (leader, client_l), (executor, client_e) = make_store(), make_store()
     epoch = lead(leader, "l")
     first, second = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [first, second])
@@ -274,9 +282,11 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
     with kazoo_client(hosts) as observer:
         assert executor.claim_run(first.run_id, "e", T0) is not None
         assert executor.claim_run(second.run_id, "e", T0) is not None
+        caught_up(observer)
         assert observer.exists(paths.heartbeat(first.run_id)) is not None
 
         executor.finish_run(first.run_id, RunState.SUCCEEDED, ended_at=T0, exit_code=0)
+        caught_up(observer, client_l)
         assert observer.exists(paths.heartbeat(first.run_id)) is None
         assert observer.get_children(paths.assignments_of("e")) == [second.run_id]
         assert observer.get_children(paths.active) == []  # only for runs without a peer
@@ -285,6 +295,7 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
 
         client_e.stop()  # the executing peer dies: its heartbeat goes with its session
         eventually(lambda: observer.exists(paths.heartbeat(second.run_id)) is None)
+        caught_up(client_l)
         assert leader.executing_runs() == set()
         assert leader.get_run(second.run_id).state is RunState.RUNNING  # type: ignore[union-attr]
 
@@ -293,7 +304,7 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
     hosts: str,
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (leader, _), (executor, client_e) = make_store(), make_store()
+    (leader, client_l), (executor, client_e) = make_store(), make_store()
     epoch = lead(leader, "l")
     before, after = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [before, after])
@@ -302,9 +313,11 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
 
     expire_session(hosts, client_e)
     eventually(lambda: "e" in [p.peer_id for p in leader.peers()], what="e re-registered")
+    caught_up(client_l)
     assert before.run_id not in leader.executing_runs()
 
     assert executor.claim_run(after.run_id, "e", T0) is not None
+    caught_up(client_l)
     assert leader.executing_runs() == {after.run_id}
 
 
@@ -316,6 +329,7 @@ class Pair:
     """A leader and an executing peer "e" watching its runs, each on its own session."""
 
     leader: ZooKeeperCoordinationStore
+    leader_client: KazooClient
     executor: ZooKeeperCoordinationStore
     executor_client: KazooClient
     epoch: int
@@ -325,11 +339,11 @@ class Pair:
 def leader_and_executor(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> Pair:
-    (leader, _), (executor, client_e) = make_store(), make_store()
+    (leader, client_l), (executor, client_e) = make_store(), make_store()
     epoch = lead(leader, "l")
     events = RunEvents()
     executor.watch_runs("e", events)
-    return Pair(leader, executor, client_e, epoch, events)
+    return Pair(leader, client_l, executor, client_e, epoch, events)
 
 
 class Requests:
@@ -366,6 +380,7 @@ def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_
     finished = executor.finish_runs([Finish(r.run_id, RunState.SUCCEEDED, T0, 0) for r in runs])
 
     assert requests.counts == {"transaction": 2}  # the records were read by the watch
+    caught_up(pair.leader_client)
     assert sorted(claimed) == sorted(finished) == sorted(r.run_id for r in runs)
     assert all(leader.get_run(r.run_id).state is RunState.SUCCEEDED for r in runs)  # type: ignore[union-attr]
     assert leader.active_run_ids() == set() and leader.executing_runs() == set()
@@ -382,6 +397,7 @@ def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
     assert leader.request_cancel(cancelled.run_id)  # its version moves on
 
     claimed = executor.claim_runs([cancelled.run_id, plain.run_id], "e", T0)
+    caught_up(pair.leader_client)
 
     assert claimed[cancelled.run_id].cancel_requested  # claimed from a fresh read
     assert leader.get_run(cancelled.run_id) == claimed[cancelled.run_id]
@@ -389,6 +405,7 @@ def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
     finished = executor.finish_runs(
         [Finish(r.run_id, RunState.FAILED, T0, None, "asked") for r in (cancelled, plain)]
     )
+    caught_up(pair.leader_client)
     for r in (cancelled, plain):
         record = leader.get_run(r.run_id)
         assert record is not None and finished[r.run_id] == record
@@ -401,12 +418,13 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 ) -> None:
     """The executor remembers the runs it claimed as running: a refusal to claim one is
     only trusted from a fresh read."""
-    (leader, _), (executor, _) = make_store(), make_store()
+    (leader, client_l), (executor, _) = make_store(), make_store()
     epoch = lead(leader, "l")
     one, batch = run("backup", 0, "e"), [run("report", i, "e") for i in range(3)]
     leader.record_runs(epoch, [one, *batch])
     assert executor.claim_run(one.run_id, "e", T0) is not None
     assert len(executor.claim_runs([r.run_id for r in batch], "e", T0)) == 3
+    caught_up(client_l)
     for r in (one, *batch):  # as the recovery of an at_least_once run does
         expect = {"state": RunState.RUNNING, "peer_id": "e"}
         assert leader.update_run(r.run_id, expect=expect, state=RunState.ASSIGNED) is not None
@@ -416,6 +434,7 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 
     assert again is not None and again.state is RunState.RUNNING
     assert sorted(batch_again) == sorted(r.run_id for r in batch)
+    caught_up(client_l)
     assert leader.executing_runs() == {one.run_id} | {r.run_id for r in batch}
 
 
