@@ -155,7 +155,7 @@ def drop_connection(client: KazooClient) -> None:
 def test_stop_election_hands_over_in_well_under_a_second_and_fences_the_old_leader(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (a, _), (b, _) = make_store(), make_store()
+    (a, client_a), (b, _) = make_store(), make_store()
     la, lb = Listener(), Listener()
     a.start_election("a", la)
     old = la.epoch()
@@ -170,6 +170,7 @@ def test_stop_election_hands_over_in_well_under_a_second_and_fences_the_old_lead
     assert handover < 1.0, f"handover took {handover:.3f}s"
     assert new > old
     assert la.count("revoke") == 1
+    caught_up(client_a)
     leader = a.leader()
     assert leader is not None and (leader.peer_id, leader.epoch) == ("b", new)
     with pytest.raises(FencedOut):
@@ -177,6 +178,7 @@ def test_stop_election_hands_over_in_well_under_a_second_and_fences_the_old_lead
     with pytest.raises(FencedOut):
         b.record_runs(old, [run("backup", 0, "a")])
     assert b.record_runs(new, [run("backup", 0, "b")]) == [run("backup", 0, "b")]
+    caught_up(client_a)
     assert a.get_run(run("backup", 0, "b").run_id) == run("backup", 0, "b")
 
 
@@ -257,9 +259,10 @@ def test_a_peer_record_vanishes_with_its_session_and_comes_back_after_expiry(
     hosts: str,
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:
-    (a, client_a), (b, _) = make_store(), make_store()
+    (a, client_a), (b, client_b) = make_store(), make_store()
     a.register_peer(peer("a"))
     b.register_peer(peer("b"))
+    caught_up(client_b)
     assert [p.peer_id for p in b.peers()] == ["a", "b"]
 
     expire_session(hosts, client_a)
