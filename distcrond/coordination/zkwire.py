@@ -115,9 +115,7 @@ def multi_read_async(client: KazooClient, operations: Sequence[GetData | GetChil
     """Send a :class:`MultiRead` of ``operations`` (paths relative to the client's
     chroot); returns kazoo's async result of the answer's list."""
     operations = [op._replace(path=_prefix_root(client.chroot, op.path)) for op in operations]
-    result = client.handler.async_result()
-    client._call(MultiRead(operations), result)
-    return result
+    return _send(client, MultiRead(operations))
 
 
 class AddWatch:
@@ -145,8 +143,13 @@ class AddWatch:
 def add_watch_async(client: KazooClient, path: str, mode: int = PERSISTENT_RECURSIVE) -> Any:
     """Send an :class:`AddWatch` for ``path`` (relative to the client's chroot); its events
     reach the callbacks given to :func:`route_watch_events`."""
+    return _send(client, AddWatch(_prefix_root(client.chroot, path), mode))
+
+
+def _send(client: KazooClient, request: MultiRead | AddWatch) -> Any:
+    """Queue ``request`` on the client's connection, as kazoo's own calls do."""
     result = client.handler.async_result()
-    client._call(AddWatch(_prefix_root(client.chroot, path), mode), result)
+    client._call(request, result)
     return result
 
 

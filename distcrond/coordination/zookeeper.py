@@ -1283,13 +1283,13 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             if watcher is None:
                 return
             watcher.listing = []
+
+        def watch_and_list(_lost: bool) -> list[str]:
+            self._wait(add_watch_async(self._client, directory))
+            return self._children(directory)
+
         try:
-            children = self._retry(
-                lambda _lost: (
-                    self._wait(add_watch_async(self._client, directory)),
-                    self._children(directory),
-                )[1]
-            )
+            children = self._retry(watch_and_list)
         except BaseException:
             with self._lock:
                 watcher.listing = None
@@ -1299,11 +1299,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             for name, created in watcher.listing or ():
                 (current.add if created else current.discard)(name)
             watcher.listing = None
-            new, gone = self._listed(watcher, _ASSIGNED, current)
-            watcher.arrived = (watcher.arrived - gone) | new
-            watcher.departed = (watcher.departed - new) | gone
-            schedule = (new or gone) and not watcher.draining
-            watcher.draining = watcher.draining or bool(schedule)
+            schedule = self._to_drain(watcher, *self._listed(watcher, _ASSIGNED, current))
         if schedule:
             self._dispatch(lambda: self._drain(watcher))
 
@@ -1340,18 +1336,22 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             known = watcher.children.setdefault(_ASSIGNED, set())
             if created == (name in known):
                 return  # already known so
-            if created:
-                known.add(name)
-                watcher.arrived.add(name)
-                watcher.departed.discard(name)
-            else:
-                known.discard(name)
-                watcher.departed.add(name)
-                watcher.arrived.discard(name)
-            if watcher.draining:
-                return  # the drain already dispatched takes it
-            watcher.draining = True
-        self._dispatch(lambda: self._drain(watcher))
+            (known.add if created else known.discard)(name)
+            new, gone = ({name}, set()) if created else (set(), {name})
+            schedule = self._to_drain(watcher, new, gone)
+        if schedule:
+            self._dispatch(lambda: self._drain(watcher))
+
+    @staticmethod
+    def _to_drain(watcher: _RunWatcher, new: set[str], gone: set[str]) -> bool:
+        """Under the lock: note the runs that arrived and left for the next drain; True
+        when a drain is to be dispatched (none is pending yet)."""
+        watcher.arrived = (watcher.arrived - gone) | new
+        watcher.departed = (watcher.departed - new) | gone
+        if watcher.draining or not (new or gone):
+            return False
+        watcher.draining = True
+        return True
 
     def _drain(self, watcher: _RunWatcher) -> None:
         """Dispatch thread: the runs a persistent watch saw arrive and leave since the last
