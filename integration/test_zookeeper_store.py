@@ -349,24 +349,30 @@ def leader_and_executor(
     return Pair(leader, client_l, executor, client_e, epoch, events)
 
 
-class Requests:
-    """Counts a real KazooClient's calls of the methods named (it still makes them)."""
+class Sent:
+    """The request types a real KazooClient sends (all of them go through ``_call``); with
+    ``refuse``, requests of those types are answered with the error instead of being sent
+    (until ``refuse_until``, a time.monotonic() instant), as a server that does not know
+    them, or an unreachable one, answers."""
 
-    def __init__(self, client: KazooClient, *names: str) -> None:
-        self.counts: Counter[str] = Counter()
-        for name in names:
-            original = getattr(client, name)
+    def __init__(
+        self,
+        client: KazooClient,
+        refuse: tuple[tuple[str, ...], Exception] | None = None,
+        refuse_until: float = float("inf"),
+    ):
+        self.types: Counter[str] = Counter()
+        original = client._call
 
-            def counted(
-                *args: object,
-                _name: str = name,
-                _call: Callable[..., object] = original,
-                **kw: object,
-            ) -> object:
-                self.counts[_name] += 1
-                return _call(*args, **kw)
+        def call(request: Any, async_object: Any) -> object:
+            name = type(request).__name__
+            self.types[name] += 1
+            if refuse is not None and name in refuse[0] and time.monotonic() < refuse_until:
+                async_object.set_exception(refuse[1])
+                return False
+            return original(request, async_object)
 
-            setattr(client, name, counted)
+        client._call = call  # type: ignore[method-assign]
 
 
 def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_without_reads(
@@ -377,12 +383,12 @@ def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_
     runs = [run("backup", i, "e") for i in range(20)]
     leader.record_runs(pair.epoch, runs)
     eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="the watch")
-    requests = Requests(pair.executor_client, "transaction", "get_async")
+    sent = Sent(pair.executor_client)
 
     claimed = executor.claim_runs([r.run_id for r in runs], "e", T0)
     finished = executor.finish_runs([Finish(r.run_id, RunState.SUCCEEDED, T0, 0) for r in runs])
 
-    assert requests.counts == {"transaction": 2}  # the records were read by the watch
+    assert sent.types == {"Transaction": 2}  # no read: the watch read the records
     caught_up(pair.leader_client)
     assert sorted(claimed) == sorted(finished) == sorted(r.run_id for r in runs)
     assert all(leader.get_run(r.run_id).state is RunState.SUCCEEDED for r in runs)  # type: ignore[union-attr]
@@ -442,32 +448,6 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 
 
 # -- reads: multiRead, and the persistent watch on a peer's assignments ---------------
-
-
-class Sent:
-    """The request types a real KazooClient sends (all of them go through ``_call``); with
-    ``refuse``, requests of those types are answered with the error instead of being sent
-    (until ``refuse_until``, a time.monotonic() instant), as a server that does not know
-    them, or an unreachable one, answers."""
-
-    def __init__(
-        self,
-        client: KazooClient,
-        refuse: tuple[tuple[str, ...], Exception] | None = None,
-        refuse_until: float = float("inf"),
-    ):
-        self.types: Counter[str] = Counter()
-        original = client._call
-
-        def call(request: Any, async_object: Any) -> object:
-            name = type(request).__name__
-            self.types[name] += 1
-            if refuse is not None and name in refuse[0] and time.monotonic() < refuse_until:
-                async_object.set_exception(refuse[1])
-                return False
-            return original(request, async_object)
-
-        client._call = call  # type: ignore[method-assign]
 
 
 def test_the_runs_handed_to_a_peer_are_read_together_without_listing_its_directory(
