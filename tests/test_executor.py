@@ -471,14 +471,51 @@ def test_runs_that_end_within_the_gathering_time_are_settled_together(
         RunReport(r.run_id, r.job_id, r.slot, RunState.SUCCEEDED, "n1", "p1", attempts=1)
         for r in records
     ]
-    first = threading.Thread(target=h.executor._settle, args=(reports[0],))
-    first.start()
+    h.executor._settler.start()
+    h.executor._settle(reports[0])
     time.sleep(0.05)  # the second run ends 50 ms after the first (not a synchronisation)
     h.executor._settle(reports[1])
-    first.join(5)
+    for r in records:
+        h.wait_report(r.run_id)
 
     assert batches == [2]
-    assert all(h.reports.get(r.run_id) is not None for r in records)
+    assert all(h.coordination.get_run(r.run_id).state is RunState.SUCCEEDED for r in records)
+
+
+def test_a_spawned_run_is_settled_without_a_thread_of_its_own(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The starter spawns a local run, and its end hands it to the settler: no thread of
+    the pool waits for it (a thread per run costs a switch of the interpreter per end)."""
+    executed: list[str] = []
+    execute = h.executor._execute
+    monkeypatch.setattr(
+        h.executor,
+        "_execute",
+        lambda flight, *a: (executed.append(flight.record.run_id), execute(flight, *a)),
+    )
+    record = h.assign(h.job("threadless").id)
+    h.executor.start()
+    assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
+    assert executed == []
+
+
+def test_a_spawned_run_that_fails_is_retried_by_a_thread_of_the_pool(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executed: list[str] = []
+    execute = h.executor._execute
+    monkeypatch.setattr(
+        h.executor,
+        "_execute",
+        lambda flight, *a: (executed.append(flight.record.run_id), execute(flight, *a)),
+    )
+    job = h.job("retried", command=["/bin/false"], retries={"count": 1, "backoff": "10ms"})
+    record = h.assign(job.id)
+    h.executor.start()
+    report = h.wait_report(record.run_id)
+    assert (report.state, report.attempts) == (RunState.FAILED, 2)
+    assert executed == [record.run_id]
 
 
 class InterruptedCoordination(SQLiteCoordinationStore):

@@ -336,11 +336,6 @@ class CoordinationStore(ABC):
     # ZooKeeper: one multi-operation transaction): the executor then claims the runs that
     # arrive together in one call. The default claims one after the other.
     claims_in_batches: bool = False
-    # True when the executor should finish the runs that end together in one finish_runs
-    # call, on one thread: a single-writer store (SQLite), or one that writes them in one
-    # multi-operation transaction (ZooKeeper). False: each run is finished by its own
-    # thread, side by side.
-    finishes_in_batches: bool = False
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime
@@ -382,7 +377,8 @@ class CoordinationStore(ABC):
 
     def finish_runs(self, finishes: Sequence[Finish]) -> dict[str, RunRecord | None]:
         """:meth:`finish_run` of each run (without expectations): the record after, by run id.
-        A store that can writes them together (see ``finishes_in_batches``)."""
+        A store that can writes them together (SQLite: one transaction; ZooKeeper: one
+        multi-operation transaction)."""
         return {f.run_id: self._finish_one(f) for f in finishes}
 
     def _finish_one(self, f: Finish) -> RunRecord | None:

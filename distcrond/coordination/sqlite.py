@@ -490,7 +490,6 @@ class SQLiteCoordinationStore(CoordinationStore):
         return self.claim_runs([run_id], peer_id, started_at).get(run_id)
 
     claims_in_batches = True
-    finishes_in_batches = True
 
     def claim_runs(
         self, run_ids: Sequence[str], peer_id: str, started_at: datetime

@@ -1067,8 +1067,6 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     self._retry(lambda _lost: self._delete(self._paths.heartbeat(run_id)))
         return record or existing
 
-    finishes_in_batches = True
-
     def finish_runs(self, finishes: Sequence[Finish]) -> dict[str, RunRecord | None]:
         """:meth:`finish_run` of many runs in one multi-operation transaction (each run's
         compare-and-set and the deletes of its index nodes and heartbeat), _BATCH runs at

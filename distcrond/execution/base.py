@@ -8,13 +8,17 @@ missing binary, a bad working directory or a timeout are outcomes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from distcrond.config.models import NodeSpec
+
+log = logging.getLogger("distcrond.runner")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class Attempt:
     def __init__(self) -> None:
         self._done = threading.Event()
         self._outcome: RunOutcome | None = None
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[RunOutcome], None]] = []
 
     @classmethod
     def ended(cls, outcome: RunOutcome) -> Attempt:
@@ -66,9 +72,25 @@ class Attempt:
         return attempt
 
     def end(self, outcome: RunOutcome) -> None:
-        """Record the outcome (called once, by whoever ends the attempt)."""
-        self._outcome = outcome
-        self._done.set()
+        """Record the outcome (called once, by whoever ends the attempt), then call the
+        callbacks given to :meth:`when_ended`, in this thread."""
+        with self._lock:
+            self._outcome = outcome
+            callbacks, self._callbacks = self._callbacks, []
+            self._done.set()
+        for callback in callbacks:
+            _call(callback, outcome)
+
+    def when_ended(self, callback: Callable[[RunOutcome], None]) -> None:
+        """Call ``callback(outcome)`` once the attempt has ended: in the thread that ends
+        it, or at once in this one if it has ended already. A callback that raises is
+        logged; it does not disturb whoever ended the attempt."""
+        with self._lock:
+            if self._outcome is None:
+                self._callbacks.append(callback)
+                return
+            outcome = self._outcome
+        _call(callback, outcome)
 
     def done(self, timeout: float = 0.0) -> bool:
         """Whether the attempt has ended, waiting at most ``timeout`` seconds for it."""
@@ -79,6 +101,13 @@ class Attempt:
         self._done.wait()
         assert self._outcome is not None
         return self._outcome
+
+
+def _call(callback: Callable[[RunOutcome], None], outcome: RunOutcome) -> None:
+    try:
+        callback(outcome)
+    except Exception:
+        log.exception("a callback of an ended attempt failed")
 
 
 class Runner(ABC):

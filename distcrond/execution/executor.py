@@ -10,8 +10,11 @@ at most CLAIM_AHEAD before the slot (runs of the same instant in one write, wher
 the store can), and one thread, the starter, starts them at their instants: a
 runner that spawns without blocking (local) is started by the starter itself, so
 200 runs due at once are spawned one after the other by one thread instead of
-by 200 threads competing for the interpreter. Each run then has a thread of the
-pool that waits for its end (blocked, it costs nothing), retries it and settles it.
+by 200 threads competing for the interpreter. Such a run has no thread while it
+runs: its end (a callback from the runner) hands it to the settler, one thread that
+records the runs ending about together in one batch, or, when the run fails and the
+job allows a retry, to a thread of the pool that retries it. A run whose runner
+blocks (SSH) has a thread of the pool from its start.
 The report is written before the state, so a peer that dies between the two
 finds, on restart, a report that tells the run's real outcome.
 """
@@ -24,12 +27,11 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from distcrond.batching import Combiner
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import ConnectionType, JobSpec, NodeSpec
@@ -66,6 +68,8 @@ SETTLE_DEFER = 0.5
 # A batch of settles waits this long first, so that the runs ending about together are
 # written together: fewer, larger write transactions (ZooKeeper's costliest requests).
 SETTLE_GATHER = 0.02
+# The most runs the settler records in one batch.
+SETTLE_MAX = 500
 
 
 @dataclass(eq=False)
@@ -75,6 +79,14 @@ class _Flight:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     claimed: RunRecord | None = None
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A run to record: its report, and whether it ran (for the log line)."""
+
+    report: RunReport
+    ran: bool
 
 
 _order = itertools.count()
@@ -111,12 +123,14 @@ class Executor:
         self._claiming = 0  # claim batches on the pool, not done yet
         self._never = threading.Event()  # waited on, to sleep
         self._starter = threading.Thread(target=self._start_loop, name="run-starter", daemon=True)
-        # Runs ending together are settled together: their reports in one write (one
-        # transaction, one bulk), then their states (in the batch where the store
-        # finishes in batches); and only once no start is due.
-        self._settles: Combiner[str, RunReport, bool] = Combiner(
-            self._settle_batch, before_batch=self._yield_to_starts
-        )
+        # Runs ending together are settled together, by the settler: their reports in one
+        # write (one transaction, one bulk), then their states in one finish_runs; and only
+        # once no start is due.
+        self._to_settle: list[_Ended] = []
+        self._settle_wake = threading.Condition()
+        self._settler_stop = False
+        self._settler = threading.Thread(target=self._settle_loop, name="run-settler", daemon=True)
+        self._ending = 0  # runs the starter spawned whose first attempt has not ended
         self._starting = False  # the starter is starting runs
         self._lock = threading.Lock()
         self._inflight: dict[str, _Flight] = {}
@@ -128,6 +142,7 @@ class Executor:
         """Settle the runs this peer left running when it last stopped, then take assignments.
         (The runs of other peers that are gone are the leader's to settle.)"""
         self._recover()
+        self._settler.start()
         self._starter.start()
         self._coordination.watch_runs(self._peer_id, self._on_run)
 
@@ -145,6 +160,16 @@ class Executor:
         if self._starter.is_alive():
             self._starter.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        # The runs the starter spawned end through their runner (cancelled above, when still
+        # going): the settler records them, then stops.
+        with self._lock:
+            while self._ending:
+                self._idle.wait()
+        with self._settle_wake:
+            self._settler_stop = True
+            self._settle_wake.notify()
+        if self._settler.is_alive():
+            self._settler.join()
 
     def in_flight(self) -> int:
         with self._lock:
@@ -219,9 +244,12 @@ class Executor:
                     for runner in self._runners.values():
                         starting.enter_context(runner.starting())
                     started = [self._start(flight) for flight in due]
-                # Their threads are woken after the batch, not between two spawns.
+                # Followed after the batch, not between two spawns.
                 for flight, checked, first in started:
-                    self._pool.submit(self._execute, flight, checked, first)
+                    if first is not None and len(checked) == 3:
+                        self._follow(flight, checked, first)
+                    else:
+                        self._pool.submit(self._execute, flight, checked, first)
                 self._starting = False
             with self._lock:
                 if stopping and not (self._ready or self._unclaimed or self._claiming):
@@ -322,11 +350,44 @@ class Executor:
         record = flight.claimed
         assert record is not None
         try:
-            self._run_claimed(record, flight, checked, first)
+            self._run_claimed(record, flight, checked, first)  # ends by handing it to the settler
         except Exception:
             log.exception("run %s: executor error", record.run_id)
-        finally:
             self._done(record.run_id)
+
+    def _follow(
+        self, flight: _Flight, checked: tuple[JobSpec, NodeSpec, Runner], first: Attempt
+    ) -> None:
+        """A run the starter spawned has no thread while it runs: its end hands it over."""
+        with self._lock:
+            self._ending += 1
+        first.when_ended(lambda outcome: self._first_ended(flight, checked, outcome))
+
+    def _first_ended(
+        self, flight: _Flight, checked: tuple[JobSpec, NodeSpec, Runner], outcome: RunOutcome
+    ) -> None:
+        """Called by the runner (its supervisor thread) when a spawned run ends: to the
+        settler, or to a thread of the pool when the job allows a retry."""
+        record = flight.claimed
+        assert record is not None
+        job, node, _runner = checked
+        try:
+            if not (outcome.ok or outcome.cancelled or job.retries.count == 0):
+                try:
+                    self._pool.submit(self._execute, flight, checked, Attempt.ended(outcome))
+                    return
+                except RuntimeError:  # this peer is stopping: the outcome is the run's
+                    pass
+            self._note_health(node, outcome)
+            self._settle(self._report(record, flight, node, outcome, 1, outcome.started_at))
+        except Exception:
+            log.exception("run %s: executor error", record.run_id)
+            self._done(record.run_id)
+        finally:
+            with self._lock:
+                self._ending -= 1
+                if not self._ending:
+                    self._idle.notify_all()
 
     def _check_claimed(
         self, record: RunRecord
@@ -361,11 +422,22 @@ class Executor:
         outcome, attempts, started_at, node = self._attempts(
             record, job, node, runner, flight, first
         )
+        self._settle(self._report(record, flight, node, outcome, attempts, started_at))
+
+    def _report(
+        self,
+        record: RunRecord,
+        flight: _Flight,
+        node: NodeSpec,
+        outcome: RunOutcome,
+        attempts: int,
+        started_at: datetime,
+    ) -> RunReport:
         state = RunState.SUCCEEDED if outcome.ok else RunState.FAILED
         reason = (
             flight.cancel_reason if outcome.cancelled and flight.cancel_reason else outcome.reason
         )
-        report = RunReport(
+        return RunReport(
             run_id=record.run_id,
             job_id=record.job_id,
             slot=record.slot,
@@ -381,15 +453,6 @@ class Executor:
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             output_truncated=outcome.output_truncated,
-        )
-        self._settle(report)
-        log.info(
-            "run %s on %s: %s%s",
-            record.run_id,
-            node.id,
-            state.value,
-            f" ({reason})" if reason else "",
-            extra={"run_id": record.run_id, "state": state.value, "exit_code": outcome.exit_code},
         )
 
     def _attempts(
@@ -504,39 +567,57 @@ class Executor:
         report = RunReport.from_record(
             record, state=state, peer_id=self._peer_id, ended_at=now, reason=reason
         )
-        self._settle(report)
-        log.warning("run %s: %s (%s)", record.run_id, state.value, reason)
+        self._settle(report, ran=False)
 
-    def _settle(self, report: RunReport) -> None:
-        """Write the report, then the terminal state, retrying through a store outage:
-        a run that ran must be reported, and its record must not stay active."""
+    # -- the settler -------------------------------------------------------------
+    def _settle(self, report: RunReport, ran: bool = True) -> None:
+        """Hand an ended run to the settler, which records it and then lets it go."""
+        with self._settle_wake:
+            self._to_settle.append(_Ended(report, ran))
+            self._settle_wake.notify()
+
+    def _settle_loop(self) -> None:
+        """Record the ended runs in batches, until stop() has no more of them."""
+        while True:
+            with self._settle_wake:
+                while not self._to_settle and not self._settler_stop:
+                    self._settle_wake.wait()
+                if not self._to_settle:
+                    return
+            self._yield_to_starts()
+            with self._settle_wake:
+                batch = self._to_settle[:SETTLE_MAX]
+                del self._to_settle[:SETTLE_MAX]
+            self._record(batch)
+
+    def _record(self, batch: list[_Ended]) -> None:
+        """The reports first, then the terminal states (a state never lacks its report),
+        retried through a store outage: a run that ran must be reported, and its record
+        must not stay active. Then each run's log line, and the run is let go."""
+        reports = [ended.report for ended in batch]
+        ids = ", ".join(report.run_id for report in reports)
         delay = 0.1
         deadline = self._clock.monotonic() + SETTLE_PATIENCE
-        while True:
+        recorded = False
+        while not recorded:
             try:
-                self._settles.submit(report.run_id, report)
-                if not self._coordination.finishes_in_batches:
-                    # Side by side with the other runs' finishes.
-                    self._coordination.finish_runs([self._finish_of(report)])
-                return
+                self._reports.write(reports)
+                self._coordination.finish_runs([self._finish_of(report) for report in reports])
+                recorded = True
             except StoreUnavailable as e:
                 if self._clock.monotonic() > deadline:
-                    log.error("run %s: its outcome could not be recorded: %s", report.run_id, e)
-                    raise
-                log.warning(
-                    "run %s: cannot record its outcome yet (%s); retrying", report.run_id, e
-                )
+                    log.error("runs %s: their outcomes could not be recorded: %s", ids, e)
+                    break
+                log.warning("runs %s: cannot record their outcomes yet (%s); retrying", ids, e)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-    def _settle_batch(self, items: Sequence[tuple[str, RunReport]]) -> dict[str, bool]:
-        """The reports first, then (where the store writes in batches) the terminal states:
-        a state never lacks its report."""
-        reports = [report for _, report in items]
-        self._reports.write(reports)
-        if self._coordination.finishes_in_batches:
-            self._coordination.finish_runs([self._finish_of(report) for report in reports])
-        return {run_id: True for run_id, _ in items}
+            except Exception:
+                log.exception("runs %s: recording their outcomes failed", ids)
+                break
+        for ended in batch:
+            if recorded:
+                _log_ended(ended)
+            self._done(ended.report.run_id)
 
     def _finish_of(self, report: RunReport) -> Finish:
         return Finish(
@@ -582,3 +663,18 @@ class Executor:
 def retry_delay(job: JobSpec, attempt: int) -> timedelta:
     """The wait before attempt ``attempt + 1``: backoff doubled each time, capped."""
     return min(job.retries.backoff * 2 ** (attempt - 1), job.retries.max_backoff)
+
+
+def _log_ended(ended: _Ended) -> None:
+    report = ended.report
+    if not ended.ran:
+        log.warning("run %s: %s (%s)", report.run_id, report.state.value, report.reason)
+        return
+    log.info(
+        "run %s on %s: %s%s",
+        report.run_id,
+        report.node_id,
+        report.state.value,
+        f" ({report.reason})" if report.reason else "",
+        extra={"run_id": report.run_id, "state": report.state.value, "exit_code": report.exit_code},
+    )
