@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the report store (env DISTCRON_RUN_RETENTION; default 15m)",
     )
     p.add_argument(
+        "--run-retention-count",
+        type=_positive_int,
+        default=_positive_int(_env("RUN_RETENTION_COUNT", "10000") or "10000"),
+        help="at most this many finished run records stay in the coordination store, the "
+        "newest; older ones go before --run-retention is up "
+        "(env DISTCRON_RUN_RETENTION_COUNT; default 10000)",
+    )
+    p.add_argument(
         "--shutdown-grace",
         type=_seconds,
         default=_seconds(_env("SHUTDOWN_GRACE", "10s") or "10s"),
@@ -291,6 +299,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         zk_auth=args.zk_auth or None,
         max_concurrent_runs=args.max_concurrent_runs,
         run_retention_seconds=args.run_retention,
+        run_retention_count=args.run_retention_count,
         shutdown_grace=args.shutdown_grace,
     )
 

@@ -140,6 +140,7 @@ class Daemon:
                 self.clock,
                 supported_types=runners.keys(),
                 retention=s.run_retention,
+                retention_count=s.run_retention_count,
                 # Deposed mid-pass: stop scheduling (the store's election decides what next).
                 on_fenced=lambda: monitor.revoke_leadership(),
             )

@@ -46,6 +46,9 @@ class Settings:
     max_concurrent_runs: int = 256
     # Finished run records leave the coordination store after this (history stays in reports).
     run_retention_seconds: float = 900.0
+    # ...and once more than this many are kept, the oldest go sooner: ZooKeeper holds its
+    # data tree in memory, so a high run rate must not fill it with history.
+    run_retention_count: int = 10_000
     # On SIGTERM, running runs get this long to finish before they are stopped.
     shutdown_grace: float = 10.0
 
@@ -108,6 +111,7 @@ class Settings:
             "zk_session_timeout": self.zk_session_timeout,
             "max_concurrent_runs": self.max_concurrent_runs,
             "run_retention_seconds": self.run_retention_seconds,
+            "run_retention_count": self.run_retention_count,
             "shutdown_grace": self.shutdown_grace,
         }
 
@@ -133,5 +137,6 @@ class Settings:
             zk_session_timeout=float(data.get("zk_session_timeout", 4.0)),
             max_concurrent_runs=int(data.get("max_concurrent_runs", 256)),
             run_retention_seconds=float(data.get("run_retention_seconds", 900.0)),
+            run_retention_count=int(data.get("run_retention_count", 10_000)),
             shutdown_grace=float(data.get("shutdown_grace", 10.0)),
         )

@@ -395,6 +395,22 @@ def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_
     assert leader.active_run_ids() == set() and leader.executing_runs() == set()
 
 
+def test_a_prune_deletes_the_records_a_hundred_to_a_transaction(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    store, client = make_store()
+    epoch = lead(store, "l")
+    runs = [run("backup", i, "e") for i in range(150)]
+    store.record_runs(epoch, runs)
+    store.finish_runs([Finish(r.run_id, RunState.SUCCEEDED, T0, 0) for r in runs])
+    sent = Sent(client)
+
+    assert store.prune_runs(T0, keep=0) == 150
+
+    assert sent.types["Transaction"] == 2 and sent.types["Delete"] == 1  # the empty bucket
+    assert store.runs() == []
+
+
 def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:

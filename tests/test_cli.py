@@ -44,6 +44,15 @@ def test_environment_variables_set_defaults_and_flags_win(monkeypatch: pytest.Mo
 
 def test_durations_and_seconds_are_accepted_for_time_flags() -> None:
     assert settings("--run-retention", "1h").run_retention_seconds == 3600
+
+
+def test_the_retention_count_has_a_default_a_flag_and_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert settings().run_retention_count == 10_000
+    assert settings("--run-retention-count", "500").run_retention_count == 500
+    monkeypatch.setenv("DISTCRON_RUN_RETENTION_COUNT", "700")
+    assert settings().run_retention_count == 700
     assert settings("--shutdown-grace", "2.5").shutdown_grace == 2.5
 
 
@@ -57,6 +66,7 @@ def test_durations_and_seconds_are_accepted_for_time_flags() -> None:
         ["--zk-root", "/distcron/"],
         ["--zk-auth", "no-password"],
         ["--zk-session-timeout", "soon"],
+        ["--run-retention-count", "0"],
     ],
 )
 def test_bad_flags_exit_with_usage_error(

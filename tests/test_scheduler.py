@@ -479,6 +479,33 @@ def test_finished_runs_leave_the_coordination_store_after_the_retention(h: Harne
     assert [r.state for r in h.records()] == [RunState.ASSIGNED] * 2  # active runs stay
 
 
+def test_beyond_the_retention_count_the_oldest_finished_runs_leave_sooner(h: Harness) -> None:
+    """ZooKeeper holds its data in memory: at a high run rate the count, not the time,
+    bounds what stays. A prune also comes once half the count was recorded since the last."""
+    h.scheduler = Scheduler(
+        h.coordination,
+        h.reports,
+        lambda: h.config,
+        h.clock,
+        ["local"],
+        timedelta(hours=1),
+        retention_count=4,
+    )
+    h.set_jobs(*(make_job(f"tick-{i}", concurrency="allow") for i in range(3)))
+    h.lead()
+    h.at(0)
+    for second in (1.0, 2.0):  # each pass records 3 runs, half the count or more: it prunes
+        h.at(second)
+        for record in h.records(states=[RunState.ASSIGNED]):
+            h.coordination.finish_run(record.run_id, RunState.SUCCEEDED, ended_at=h.clock.now())
+    assert len(h.records()) == 6  # 4 finished records kept at most: none was beyond yet
+    h.at(3.0)
+    kept = h.records()
+    slots = sorted(r.slot for r in kept if r.state.terminal)
+    assert slots == [T0 + timedelta(seconds=1)] + [T0 + timedelta(seconds=2)] * 3
+    assert len([r for r in kept if r.state is RunState.ASSIGNED]) == 3  # slot 3's: they stay
+
+
 def test_run_all_catch_up_runs_do_not_make_the_next_slots_skip(h: Harness) -> None:
     job = make_job("tick", misfire="run_all")  # concurrency: forbid (the default)
     caught_up = restart_after_gap(h, job, 6.5)

@@ -401,8 +401,9 @@ class CoordinationStore(ABC):
         first for those that exist now, then as they appear."""
 
     @abstractmethod
-    def prune_runs(self, finished_before: datetime) -> int:
-        """Delete terminal runs that ended before the instant; returns how many."""
+    def prune_runs(self, finished_before: datetime, keep: int | None = None) -> int:
+        """Delete terminal runs that ended before the instant and, with ``keep``, the
+        terminal runs beyond the ``keep`` newest (by slot); returns how many."""
 
     # -- manual triggers -----------------------------------------------------
     @abstractmethod

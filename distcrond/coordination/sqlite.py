@@ -557,16 +557,23 @@ class SQLiteCoordinationStore(CoordinationStore):
         self._ensure_threads()
         self._wake.set()  # the poll thread scans what exists now
 
-    def prune_runs(self, finished_before: datetime) -> int:
+    def prune_runs(self, finished_before: datetime, keep: int | None = None) -> int:
         """Delete terminal runs that ended before the instant (a terminal run without
-        ``ended_at`` counts as ended at its slot); returns how many."""
+        ``ended_at`` counts as ended at its slot) and, with ``keep``, the terminal runs
+        beyond the ``keep`` newest (by slot); returns how many."""
+        terminal = f"state IN ({', '.join('?' * len(_TERMINAL))})"
         with self._db.write() as conn:
-            cur = conn.execute(
-                f"DELETE FROM runs WHERE state IN ({', '.join('?' * len(_TERMINAL))}) "
-                "AND ended_us < ?",
+            deleted = conn.execute(
+                f"DELETE FROM runs WHERE {terminal} AND ended_us < ?",
                 (*_TERMINAL, to_us(finished_before)),
-            )
-            return cur.rowcount
+            ).rowcount
+            if keep is not None:
+                deleted += conn.execute(
+                    f"DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs WHERE {terminal} "
+                    "ORDER BY slot_us DESC, run_id DESC LIMIT -1 OFFSET ?)",
+                    (*_TERMINAL, keep),
+                ).rowcount
+            return deleted
 
     def _modify(
         self, run_id: str, change: Callable[[RunRecord], RunRecord | None]

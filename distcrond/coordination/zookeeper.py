@@ -44,7 +44,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from operator import methodcaller
 from typing import Any, TypeVar
 
@@ -110,6 +110,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_DAWN = datetime.min.replace(tzinfo=UTC)
 _ASSIGNED = "assigned"
 _CANCEL = "cancel"
 # A znode holds at most jute.maxbuffer (1 MB by default) of data: big config
@@ -146,6 +147,14 @@ def _job_of(run_id: str) -> str | None:
         return split_run_id(run_id)[0]
     except ValueError:
         return None
+
+
+def _slot_key(run_id: str) -> tuple[datetime, str]:
+    """A run id's sort key: oldest slot first (one that does not parse, first of all)."""
+    try:
+        return split_run_id(run_id)[1], run_id
+    except ValueError:
+        return _DAWN, run_id
 
 
 def _slot_before(run_id: str, instant: datetime) -> bool:
@@ -1412,37 +1421,42 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
         self._dispatch(check)
 
-    def prune_runs(self, finished_before: datetime) -> int:
+    def prune_runs(self, finished_before: datetime, keep: int | None = None) -> int:
         """Delete terminal runs that ended before the instant (a terminal run without
-        ``ended_at`` counts as ended at its slot), then empty buckets; returns how many."""
+        ``ended_at`` counts as ended at its slot) and, with ``keep``, the terminal runs
+        beyond the ``keep`` newest (by slot); then empty buckets. Returns how many.
+        The records go 100 to a transaction (a delete per transaction made a prune of
+        thousands of records a burst of thousands of writes)."""
 
         def prune(_lost: bool) -> int:
-            # Only records that can have ended before the instant are read: not active (the
-            # index changes with the record, in one transaction) and with a slot before it
-            # (a run ends after its slot). A prune that finds nothing to do reads no record.
+            # Only records that can be pruned are read: not active (the index changes with
+            # the record, in one transaction) and, unless beyond ``keep``, with a slot before
+            # the instant (a run ends after its slot). A prune with nothing to do reads none.
             active = self._active_ids()
+            done = sorted(
+                (_slot_key(name), path)
+                for path in self._all_run_paths()
+                if (name := path.rpartition("/")[2]) not in active
+            )
+            surplus = max(0, len(done) - keep) if keep is not None else 0
             paths = [
                 path
-                for path in self._all_run_paths()
-                if path.rpartition("/")[2] not in active
-                and _slot_before(path.rpartition("/")[2], finished_before)
+                for index, (_key, path) in enumerate(done)
+                if index < surplus or _slot_before(path.rpartition("/")[2], finished_before)
             ]
-            found = self._get_many(paths)
+            beyond = {path for _key, path in done[:surplus]}
             doomed: list[tuple[str, int]] = []
-            for path, got in zip(paths, found, strict=True):
+            for path, got in zip(paths, self._get_many(paths), strict=True):
                 if got is None:
                     continue
                 record = _decode(got[0])
-                if record.state.terminal and (record.ended_at or record.slot) < finished_before:
+                if record.state.terminal and (
+                    path in beyond or (record.ended_at or record.slot) < finished_before
+                ):
                     doomed.append((path, got[1].version))
-            pending = [self._client.delete_async(p, version=v) for p, v in doomed]
-            deleted = 0
-            for result in pending:
-                try:
-                    self._wait(result)
-                    deleted += 1
-                except (NoNodeError, BadVersionError):
-                    pass
+            deleted = sum(
+                self._delete_batch(doomed[i : i + _BATCH]) for i in range(0, len(doomed), _BATCH)
+            )
             buckets = {_parent(p) for p, _ in doomed}
             for bucket in buckets:
                 with contextlib.suppress(NotEmptyError, NoNodeError):
@@ -1452,6 +1466,24 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return deleted
 
         return self._retry(prune)
+
+    def _delete_batch(self, doomed: Sequence[tuple[str, int]]) -> int:
+        """Delete the (path, version) nodes in one transaction; if it fails (one changed or
+        is gone), one by one, skipping those. Returns how many were deleted."""
+        txn = self._client.transaction()
+        for path, version in doomed:
+            txn.delete(path, version=version)
+        if _failure(self._wait(txn.commit_async())) is None:
+            return len(doomed)
+        pending = [self._client.delete_async(p, version=v) for p, v in doomed]
+        deleted = 0
+        for result in pending:
+            try:
+                self._wait(result)
+                deleted += 1
+            except (NoNodeError, BadVersionError):
+                pass
+        return deleted
 
     def _all_run_paths(self) -> list[str]:
         buckets = [self._paths.run_bucket(b) for b in self._children(self._paths.runs)]

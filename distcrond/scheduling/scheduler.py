@@ -90,6 +90,7 @@ class Scheduler:
         clock: Clock,
         supported_types: Collection[str],
         retention: timedelta = timedelta(minutes=15),
+        retention_count: int | None = 10_000,
         on_fenced: Callable[[], None] | None = None,
     ) -> None:
         self._coordination = coordination
@@ -100,6 +101,10 @@ class Scheduler:
         self._retention = retention
         # A short retention is pruned often enough that the store holds about that much.
         self._prune_every = min(PRUNE_EVERY, max(retention / 2, timedelta(seconds=1)))
+        # At most this many finished records are kept: a prune also comes once half as many
+        # runs were recorded since the last one, so the store holds at most 1.5 times that.
+        self._retention_count = retention_count
+        self._recorded = 0  # runs recorded since the last prune
         self._on_fenced = on_fenced
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -450,6 +455,7 @@ class Scheduler:
         if not batch.records and not batch.cursors:
             return
         created = self._coordination.record_runs(self._epoch, batch.records, batch.cursors)
+        self._recorded += len(created)
         self._remember(created)
         for run_id in batch.cancels:
             self._coordination.request_cancel(run_id)
@@ -610,12 +616,16 @@ class Scheduler:
 
     def _maybe_prune(self) -> None:
         now = self._clock.now()
-        if self._last_prune is not None and now - self._last_prune < self._prune_every:
+        due = self._last_prune is None or now - self._last_prune >= self._prune_every
+        crowded = self._retention_count is not None and self._recorded >= max(
+            1, self._retention_count // 2
+        )
+        if not (due or crowded) or (self._pruner is not None and self._pruner.is_alive()):
             return
-        self._last_prune = now
+        self._last_prune, self._recorded = now, 0
         if not self._threaded:
             self._prune(now - self._retention)
-        elif self._pruner is None or not self._pruner.is_alive():
+        else:
             # Pruning reads what it deletes: a big backlog takes seconds, off the schedule.
             self._pruner = threading.Thread(
                 target=self._prune, args=(now - self._retention,), name="pruner", daemon=True
@@ -624,12 +634,17 @@ class Scheduler:
 
     def _prune(self, finished_before: datetime) -> None:
         try:
-            pruned = self._coordination.prune_runs(finished_before)
+            pruned = self._coordination.prune_runs(finished_before, keep=self._retention_count)
         except Exception:
             log.exception("pruning finished run records failed; the next prune retries")
             return
         if pruned:
-            log.info("pruned %d finished run records older than %s", pruned, self._retention)
+            log.info(
+                "pruned %d finished run records (older than %s, or beyond the newest %s)",
+                pruned,
+                self._retention,
+                self._retention_count,
+            )
 
 
 def _waits_for_previous(job: JobSpec) -> bool:

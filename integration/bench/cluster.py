@@ -676,6 +676,18 @@ def bursts(ledger: Ledger, over_ms: float = 1000.0) -> list[tuple[str, int, floa
     return [(f"{datetime.fromtimestamp(s, UTC):%H:%M:%S}", n, ms) for s, n, ms in found]
 
 
+# Where the lateness goes is read from the run records of the window's last seconds: the
+# leader keeps the newest 10,000 finished records (--run-retention-count), some 30 s at
+# 300 runs/s, and prunes older ones.
+STAGES_SECONDS = 20.0
+
+
+def recent(due: set[SlotKey], window: tuple[datetime, datetime]) -> set[SlotKey]:
+    """The due slots of the window's last STAGES_SECONDS."""
+    since = slot_us(window[1] - timedelta(seconds=STAGES_SECONDS))
+    return {key for key in due if key[1] >= since}
+
+
 def p50_p99(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     return percentile(ordered, 50), percentile(ordered, 99)
@@ -728,7 +740,7 @@ def throughput_step(
         {peer_id: 100.0 * used[peer_id] / seconds for peer_id in sorted(used)},
         100.0 * (zk1 - zk0) / seconds,
         leader,
-        stages(store, plan, ledger, due) if store is not None else None,
+        stages(store, plan, ledger, recent(due, window)) if store is not None else None,
         (req1 - req0) / started if started and req0 is not None and req1 is not None else None,
     )
 
@@ -946,7 +958,8 @@ def print_throughput(result: ThroughputResult) -> None:
     if first is not None and first.stages is not None:
         st = first.stages
         print(
-            f"where the {first.jobs}-job window's lateness goes (p50 / p99 ms): leader's pass "
+            f"where the {first.jobs}-job window's lateness goes (its last {STAGES_SECONDS:.0f} s, "
+            "p50 / p99 ms): leader's pass "
             f"began {st.woke_ms[0]:.1f} / {st.woke_ms[1]:.1f}; recorded, seen and claim begun "
             f"{st.claim_ms[0]:.1f} / {st.claim_ms[1]:.1f}; claimed and spawned "
             f"{st.spawn_ms[0]:.1f} / {st.spawn_ms[1]:.1f}"

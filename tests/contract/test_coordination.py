@@ -494,6 +494,23 @@ def test_prune_removes_only_terminal_runs_that_ended_before_the_instant(
     assert [r.run_id for r in coordination.runs()] == [active.run_id]
 
 
+def test_prune_keeps_at_most_the_newest_terminal_runs_asked_for(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    """``keep`` bounds the finished records whatever their age: the oldest slots go first,
+    and active runs neither go nor count."""
+    runs = [assigned("backup", i) for i in range(5)]
+    coordination.record_runs(epoch, runs)
+    for i, run in enumerate(runs[:4]):  # the last stays active
+        coordination.finish_run(run.run_id, RunState.SUCCEEDED, ended_at=slot(10 + i), exit_code=0)
+
+    assert coordination.prune_runs(slot(0), keep=2) == 2
+    assert [r.run_id for r in coordination.runs()] == [r.run_id for r in runs[2:]]
+    assert coordination.prune_runs(slot(0), keep=2) == 0
+    assert coordination.prune_runs(slot(13), keep=10) == 1  # the time bound still applies
+    assert [r.run_id for r in coordination.runs()] == [runs[3].run_id, runs[4].run_id]
+
+
 # -- watching runs ------------------------------------------------------------------
 
 
