@@ -482,11 +482,8 @@ def test_runs_that_end_within_the_gathering_time_are_settled_together(
     assert all(h.coordination.get_run(r.run_id).state is RunState.SUCCEEDED for r in records)
 
 
-def test_a_spawned_run_is_settled_without_a_thread_of_its_own(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The starter spawns a local run, and its end hands it to the settler: no thread of
-    the pool waits for it (a thread per run costs a switch of the interpreter per end)."""
+def pool_runs(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the runs given to a thread of the pool, as they are given."""
     executed: list[str] = []
     execute = h.executor._execute
     monkeypatch.setattr(
@@ -494,6 +491,15 @@ def test_a_spawned_run_is_settled_without_a_thread_of_its_own(
         "_execute",
         lambda flight, *a: (executed.append(flight.record.run_id), execute(flight, *a)),
     )
+    return executed
+
+
+def test_a_spawned_run_is_settled_without_a_thread_of_its_own(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The starter spawns a local run, and its end hands it to the settler: no thread of
+    the pool waits for it (a thread per run costs a switch of the interpreter per end)."""
+    executed = pool_runs(h, monkeypatch)
     record = h.assign(h.job("threadless").id)
     h.executor.start()
     assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
@@ -503,13 +509,7 @@ def test_a_spawned_run_is_settled_without_a_thread_of_its_own(
 def test_a_spawned_run_that_fails_is_retried_by_a_thread_of_the_pool(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    executed: list[str] = []
-    execute = h.executor._execute
-    monkeypatch.setattr(
-        h.executor,
-        "_execute",
-        lambda flight, *a: (executed.append(flight.record.run_id), execute(flight, *a)),
-    )
+    executed = pool_runs(h, monkeypatch)
     job = h.job("retried", command=["/bin/false"], retries={"count": 1, "backoff": "10ms"})
     record = h.assign(job.id)
     h.executor.start()
