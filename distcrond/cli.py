@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-workers",
         type=_positive_int,
-        default=int(_env("API_WORKERS", "2") or 2),
+        default=_env("API_WORKERS", "2") or "2",
         help="gunicorn worker processes for the API "
         "(env DISTCRON_API_WORKERS; default %(default)s)",
     )
@@ -144,20 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-concurrent-runs",
         type=_positive_int,
-        default=int(_env("MAX_CONCURRENT_RUNS", "256") or 256),
+        default=_env("MAX_CONCURRENT_RUNS", "256") or "256",
         help="runs this peer executes at once; more wait (env DISTCRON_MAX_CONCURRENT_RUNS)",
     )
     p.add_argument(
         "--run-retention",
         type=_seconds,
-        default=_seconds(_env("RUN_RETENTION", "15m") or "15m"),
+        default=_env("RUN_RETENTION", "15m") or "15m",
         help="how long finished run records stay in the coordination store; history stays in "
         "the report store (env DISTCRON_RUN_RETENTION; default 15m)",
     )
     p.add_argument(
         "--run-retention-count",
         type=_positive_int,
-        default=_positive_int(_env("RUN_RETENTION_COUNT", "10000") or "10000"),
+        default=_env("RUN_RETENTION_COUNT", "10000") or "10000",
         help="at most this many finished run records stay in the coordination store, the "
         "newest; older ones go before --run-retention is up "
         "(env DISTCRON_RUN_RETENTION_COUNT; default 10000)",
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shutdown-grace",
         type=_seconds,
-        default=_seconds(_env("SHUTDOWN_GRACE", "10s") or "10s"),
+        default=_env("SHUTDOWN_GRACE", "10s") or "10s",
         help="on SIGTERM, how long running runs may finish before they are stopped "
         "(env DISTCRON_SHUTDOWN_GRACE; default 10s)",
     )
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--zk-session-timeout",
         type=_seconds,
-        default=_seconds(_env("ZK_SESSION_TIMEOUT", "4s") or "4s"),
+        default=_env("ZK_SESSION_TIMEOUT", "4s") or "4s",
         help="ZooKeeper session timeout: how long a crashed peer (or leader) keeps its runs "
         "(or leadership); the ensemble's tickTime bounds it to 2-20 ticks "
         "(env DISTCRON_ZK_SESSION_TIMEOUT; default 4s)",
@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--es-port",
         dest="es_port",
         type=_positive_int,
-        default=int(_env("ES_PORT", "9200") or 9200),
+        default=_env("ES_PORT", "9200") or "9200",
         help="the original's Elasticsearch port (env DISTCRON_ES_PORT; default 9200)",
     )
     p.add_argument(

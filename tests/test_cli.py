@@ -78,6 +78,30 @@ def test_bad_flags_exit_with_usage_error(
     assert argv[0] in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("variable", "flag"),
+    [
+        ("DISTCRON_API_WORKERS", "--api-workers"),
+        ("DISTCRON_MAX_CONCURRENT_RUNS", "--max-concurrent-runs"),
+        ("DISTCRON_RUN_RETENTION", "--run-retention"),
+        ("DISTCRON_RUN_RETENTION_COUNT", "--run-retention-count"),
+        ("DISTCRON_SHUTDOWN_GRACE", "--shutdown-grace"),
+        ("DISTCRON_ZK_SESSION_TIMEOUT", "--zk-session-timeout"),
+        ("DISTCRON_ES_PORT", "--es-port"),
+    ],
+)
+def test_a_bad_environment_variable_is_a_usage_error_naming_its_flag(
+    variable: str, flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a traceback: the value is checked like the flag's own."""
+    monkeypatch.setenv(variable, "bogus")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "bogus" in err
+
+
 def test_check_reports_bad_files_and_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
