@@ -281,6 +281,7 @@ def test_a_claim_keeps_an_ephemeral_heartbeat_until_the_run_finishes(
     epoch = lead(leader, "l")
     first, second = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [first, second])
+    caught_up(client_e)
     paths = ZKPaths()
     with kazoo_client(hosts) as observer:
         assert executor.claim_run(first.run_id, "e", T0) is not None
@@ -311,6 +312,7 @@ def test_runs_claimed_in_a_lost_session_stay_lost_in_the_next_one(
     epoch = lead(leader, "l")
     before, after = run("backup", 0, "e"), run("backup", 1, "e")
     leader.record_runs(epoch, [before, after])
+    caught_up(client_e)
     executor.register_peer(peer("e"))
     assert executor.claim_run(before.run_id, "e", T0) is not None
 
@@ -420,6 +422,7 @@ def test_a_record_changed_by_another_peer_since_it_was_remembered_is_read_again(
     leader.record_runs(pair.epoch, [cancelled, plain])
     eventually(lambda: events.run_ids() == {cancelled.run_id, plain.run_id}, what="the watch")
     assert leader.request_cancel(cancelled.run_id)  # its version moves on
+    caught_up(pair.executor_client)
 
     claimed = executor.claim_runs([cancelled.run_id, plain.run_id], "e", T0)
     caught_up(pair.leader_client)
@@ -443,10 +446,11 @@ def test_a_run_put_back_to_assigned_after_this_peer_claimed_it_can_be_claimed_ag
 ) -> None:
     """The executor remembers the runs it claimed as running: a refusal to claim one is
     only trusted from a fresh read."""
-    (leader, client_l), (executor, _) = make_store(), make_store()
+    (leader, client_l), (executor, client_e) = make_store(), make_store()
     epoch = lead(leader, "l")
     one, batch = run("backup", 0, "e"), [run("report", i, "e") for i in range(3)]
     leader.record_runs(epoch, [one, *batch])
+    caught_up(client_e)
     assert executor.claim_run(one.run_id, "e", T0) is not None
     assert len(executor.claim_runs([r.run_id for r in batch], "e", T0)) == 3
     caught_up(client_l)
@@ -581,6 +585,7 @@ def test_reads_are_sent_one_by_one_to_servers_without_multi_read(
     epoch = lead(leader, "l")
     runs = [run("backup", i, "e") for i in range(3)]
     leader.record_runs(epoch, runs)
+    caught_up(client)
     sent = Sent(client, refuse=(("MultiRead",), UnimplementedError()))
 
     first = reader.get_runs([r.run_id for r in runs])
