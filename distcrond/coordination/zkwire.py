@@ -180,7 +180,7 @@ class PollHandler(SequentialThreadingHandler):
         masks: dict[int, int] = {}
         for objects, mask in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
             for obj in objects:
-                fd = obj if isinstance(obj, int) else obj.fileno()
+                fd = _fd(obj)
                 if fd < 0:
                     raise ValueError("Invalid event mask or fd")
                 masks[fd] = masks.get(fd, 0) | mask

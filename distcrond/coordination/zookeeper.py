@@ -150,19 +150,12 @@ def _job_of(run_id: str) -> str | None:
 
 
 def _slot_key(run_id: str) -> tuple[datetime, str]:
-    """A run id's sort key: oldest slot first (one that does not parse, first of all)."""
+    """A run id's sort key: oldest slot first (one that does not parse, first of all: a
+    prune takes it as old)."""
     try:
         return split_run_id(run_id)[1], run_id
     except ValueError:
         return _DAWN, run_id
-
-
-def _slot_before(run_id: str, instant: datetime) -> bool:
-    """Whether a run id's slot is before ``instant`` (True when it does not parse)."""
-    try:
-        return split_run_id(run_id)[1] < instant
-    except ValueError:
-        return True
 
 
 def _sort_key(record: RunRecord) -> tuple[datetime, str]:
@@ -1439,19 +1432,19 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 if (name := path.rpartition("/")[2]) not in active
             )
             surplus = max(0, len(done) - keep) if keep is not None else 0
-            paths = [
-                path
-                for index, (_key, path) in enumerate(done)
-                if index < surplus or _slot_before(path.rpartition("/")[2], finished_before)
+            candidates = [  # (path, beyond ``keep``)
+                (path, index < surplus)
+                for index, ((slot, _), path) in enumerate(done)
+                if index < surplus or slot < finished_before
             ]
-            beyond = {path for _key, path in done[:surplus]}
+            paths = [path for path, _ in candidates]
             doomed: list[tuple[str, int]] = []
-            for path, got in zip(paths, self._get_many(paths), strict=True):
+            for (path, beyond), got in zip(candidates, self._get_many(paths), strict=True):
                 if got is None:
                     continue
                 record = _decode(got[0])
                 if record.state.terminal and (
-                    path in beyond or (record.ended_at or record.slot) < finished_before
+                    beyond or (record.ended_at or record.slot) < finished_before
                 ):
                     doomed.append((path, got[1].version))
             deleted = sum(
