@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -337,6 +338,17 @@ def test_run_interrupted_by_a_crash_ends_unknown_and_is_not_run_again(
     run = peer.wait_run(run_id, ("unknown",))
     assert "outcome unknown" in run["reason"]
     assert len(ledger_lines(starts)) == 1
+
+
+def test_the_objects_built_at_start_are_frozen_out_of_full_collections(peer: Peer) -> None:
+    """The daemon freezes what it built at start (gc.freeze), so that Python's full
+    collections, which hold the interpreter, walk only what was made since."""
+    peer.start()
+    line = wait_for(
+        lambda: re.search(r"froze (\d+) objects built at start", peer.log()), 10, "the log line"
+    )
+    # modules, classes, config and clients: tens of thousands of objects
+    assert int(line.group(1)) > 10_000
 
 
 def test_api_address_in_use_is_a_clear_startup_error(peer: Peer) -> None:
