@@ -31,8 +31,8 @@ def _tracked(obj: object) -> bool:
 def test_freeze_heap_takes_the_objects_alive_out_of_full_collections(thawed: None) -> None:
     alive = [_Node()]  # a container the collector tracks
     assert _tracked(alive)
-    frozen = freeze_heap()
-    assert frozen == gc.get_freeze_count() > 0
+    # (other threads of the test process may free frozen objects meanwhile)
+    assert freeze_heap() > 10_000  # this process's modules and classes, at least
     assert not _tracked(alive)  # a full collection no longer walks it
 
 

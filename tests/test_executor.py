@@ -113,6 +113,17 @@ class Harness:
             threading.Event().wait(0.02)
         raise AssertionError(f"no report for {run_id}")
 
+    def wait_state(self, run_id: str, state: RunState, timeout: float = 10) -> RunRecord:
+        """The run's record once it is in ``state``: the report is written before it."""
+        deadline = self.clock.monotonic() + timeout
+        stored = None
+        while self.clock.monotonic() < deadline:
+            stored = self.coordination.get_run(run_id)
+            if stored is not None and stored.state is state:
+                return stored
+            threading.Event().wait(0.02)
+        raise AssertionError(f"run {run_id} is {stored and stored.state}, not {state}")
+
     def close(self) -> None:
         self.executor.stop(grace=0)
         self.runner.close()
@@ -148,8 +159,7 @@ def test_assigned_run_is_executed_reported_and_finished(h: Harness, tmp_path: Pa
         and env["DISTCRON_PEER"] == "p1"
     )
     assert env["DISTCRON_SLOT"].endswith("Z") and "." in env["DISTCRON_SLOT"]
-    stored = h.coordination.get_run(record.run_id)
-    assert stored is not None and stored.state is RunState.SUCCEEDED
+    h.wait_state(record.run_id, RunState.SUCCEEDED)
 
 
 def test_runs_assigned_before_start_are_picked_up(h: Harness) -> None:
@@ -232,8 +242,7 @@ def test_run_interrupted_by_a_crash_ends_unknown_after_restart(h: Harness) -> No
     h.executor.start()
     report = h.wait_report(record.run_id)
     assert report.state is RunState.UNKNOWN
-    stored = h.coordination.get_run(record.run_id)
-    assert stored is not None and stored.state is RunState.UNKNOWN
+    h.wait_state(record.run_id, RunState.UNKNOWN)
 
 
 def test_at_least_once_run_interrupted_by_a_crash_runs_again(h: Harness) -> None:
@@ -316,12 +325,7 @@ def test_outcome_is_recorded_once_the_report_store_is_back(h: Harness, tmp_path:
     record = h.assign("hello")
     assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
     assert flaky.failures == 0
-    for _ in range(250):
-        stored = h.coordination.get_run(record.run_id)
-        if stored is not None and stored.state is RunState.SUCCEEDED:
-            break
-        threading.Event().wait(0.02)
-    assert stored is not None and stored.state is RunState.SUCCEEDED
+    h.wait_state(record.run_id, RunState.SUCCEEDED)
 
 
 class SuspendedCoordination(SQLiteCoordinationStore):
@@ -479,7 +483,8 @@ def test_runs_that_end_within_the_gathering_time_are_settled_together(
         h.wait_report(r.run_id)
 
     assert batches == [2]
-    assert all(h.coordination.get_run(r.run_id).state is RunState.SUCCEEDED for r in records)
+    for r in records:
+        h.wait_state(r.run_id, RunState.SUCCEEDED)
 
 
 def pool_runs(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[str]:
