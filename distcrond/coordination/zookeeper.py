@@ -868,9 +868,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return found
 
     def _transact(self, plans: Mapping[str, Sequence[methodcaller]]) -> tuple[set[str], set[str]]:
-        """Commit every run's operations (calls of a kazoo transaction's methods) in one
-        transaction. A run whose operation makes it fail is left out, and the others are
-        tried again (up to three runs left out; then all the rest are). (committed, left)."""
+        """Commit every run's (or node's) operations (calls of a kazoo transaction's
+        methods) in one transaction. A run whose operation makes it fail is left out, and
+        the others are tried again (up to three runs left out; then all the rest are).
+        (committed, left)."""
         pending = dict(plans)
         left: set[str] = set()
         while pending and len(left) < 3:
@@ -1447,9 +1448,13 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     beyond or (record.ended_at or record.slot) < finished_before
                 ):
                     doomed.append((path, got[1].version))
-            deleted = sum(
-                self._delete_batch(doomed[i : i + _BATCH]) for i in range(0, len(doomed), _BATCH)
-            )
+            deleted = 0
+            for i in range(0, len(doomed), _BATCH):
+                # A record changed or gone since it was read is left (the next prune sees it).
+                committed, _left = self._transact(
+                    {p: [methodcaller("delete", p, version=v)] for p, v in doomed[i : i + _BATCH]}
+                )
+                deleted += len(committed)
             buckets = {_parent(p) for p, _ in doomed}
             for bucket in buckets:
                 with contextlib.suppress(NotEmptyError, NoNodeError):
@@ -1459,24 +1464,6 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             return deleted
 
         return self._retry(prune)
-
-    def _delete_batch(self, doomed: Sequence[tuple[str, int]]) -> int:
-        """Delete the (path, version) nodes in one transaction; if it fails (one changed or
-        is gone), one by one, skipping those. Returns how many were deleted."""
-        txn = self._client.transaction()
-        for path, version in doomed:
-            txn.delete(path, version=version)
-        if _failure(self._wait(txn.commit_async())) is None:
-            return len(doomed)
-        pending = [self._client.delete_async(p, version=v) for p, v in doomed]
-        deleted = 0
-        for result in pending:
-            try:
-                self._wait(result)
-                deleted += 1
-            except (NoNodeError, BadVersionError):
-                pass
-        return deleted
 
     def _all_run_paths(self) -> list[str]:
         buckets = [self._paths.run_bucket(b) for b in self._children(self._paths.runs)]
