@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -24,6 +24,8 @@ from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
 
 pytestmark = pytest.mark.timeout(30)
+
+T = TypeVar("T")
 
 
 class Listener:
@@ -104,25 +106,26 @@ class Harness:
         self.coordination.record_runs(self.epoch, [record])
         return record
 
-    def wait_report(self, run_id: str, timeout: float = 10) -> RunReport:
+    def _poll(self, get: Callable[[], T | None], timeout: float, what: str) -> T:
         deadline = self.clock.monotonic() + timeout
         while self.clock.monotonic() < deadline:
-            report = self.reports.get(run_id)
-            if report is not None:
-                return report
+            found = get()
+            if found is not None:
+                return found
             threading.Event().wait(0.02)
-        raise AssertionError(f"no report for {run_id}")
+        raise AssertionError(what)
+
+    def wait_report(self, run_id: str, timeout: float = 10) -> RunReport:
+        return self._poll(lambda: self.reports.get(run_id), timeout, f"no report for {run_id}")
 
     def wait_state(self, run_id: str, state: RunState, timeout: float = 10) -> RunRecord:
         """The run's record once it is in ``state``: the report is written before it."""
-        deadline = self.clock.monotonic() + timeout
-        stored = None
-        while self.clock.monotonic() < deadline:
+
+        def in_state() -> RunRecord | None:
             stored = self.coordination.get_run(run_id)
-            if stored is not None and stored.state is state:
-                return stored
-            threading.Event().wait(0.02)
-        raise AssertionError(f"run {run_id} is {stored and stored.state}, not {state}")
+            return stored if stored is not None and stored.state is state else None
+
+        return self._poll(in_state, timeout, f"run {run_id} never got to {state}")
 
     def close(self) -> None:
         self.executor.stop(grace=0)
