@@ -128,3 +128,12 @@ def test_chroot_data_lives_under_its_own_path(zk_ensemble: Ensemble, zk_hosts: s
     with kazoo_client(zk_ensemble.hosts) as root:
         assert root.get(f"{chroot}/secret")[0] == b"mine"
         assert not root.exists("/secret")
+
+
+def test_servers_collect_concurrently_in_a_256mb_heap(zk_ensemble: Ensemble) -> None:
+    # A stop-the-world collection of a server stalls every peer's runs (see the
+    # architecture doc): each JVM must say, in its own GC log, that it runs ZGC, capped.
+    for n in zk_ensemble.ids:
+        log = zk_ensemble.gc_log_file(n).read_text()
+        assert "Using The Z Garbage Collector" in log, f"server {n}: {log[:2000]}"
+        assert "Max Capacity: 256M" in log, f"server {n}: {log[:2000]}"
