@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ import pytest
 from distcrond.clock import FakeClock
 from distcrond.config.loader import LoadedConfig
 from distcrond.config.models import CronSchedule, JobSpec, NodeSpec
-from distcrond.coordination.base import FencedOut, PeerInfo, TriggerRequest
+from distcrond.coordination.base import FencedOut, PeerInfo, StoreUnavailable, TriggerRequest
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
@@ -75,13 +76,14 @@ class Harness:
         self.config = LoadedConfig.build({j.id: j for j in jobs}, nodes or dict(self.config.nodes))
         self.scheduler.config_changed()
 
-    def lead(self, scheduler: Scheduler | None = None) -> int:
-        """Win an election and start the scheduler (its first step() settles the past)."""
+    def lead(self, scheduler: Scheduler | None = None, thread: bool = False) -> int:
+        """Win an election and start the scheduler (its first step() settles the past;
+        ``thread``: its own loop takes the steps)."""
         listener = Epochs()
         self.coordination.stop_election()
         self.coordination.start_election("p1", listener)
         assert listener.event.wait(5)
-        (scheduler or self.scheduler).start(listener.epochs[-1], thread=False)
+        (scheduler or self.scheduler).start(listener.epochs[-1], thread=thread)
         return listener.epochs[-1]
 
     def at(self, seconds: float) -> None:
@@ -310,10 +312,7 @@ def test_missed_slots_are_reported(h: Harness) -> None:
 def test_threaded_scheduler_records_slots_and_stops(h: Harness) -> None:
     """The real loop on a thread: it wakes for a trigger, records it, and stops on request."""
     h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
-    listener = Epochs()
-    h.coordination.start_election("p1", listener)
-    assert listener.event.wait(5)
-    h.scheduler.start(listener.epochs[-1])
+    h.lead(thread=True)
     h.coordination.request_trigger(TriggerRequest(run_id_for("tick", T0), "tick", T0, T0, "p1"))
     h.scheduler.triggers_queued()
     deadline = threading.Event()
@@ -648,3 +647,50 @@ def test_a_held_slot_is_skipped_at_its_instant_when_the_run_is_still_active(h: H
     skipped = [r for r in h.records() if r.state is RunState.SKIPPED]
     assert [r.slot for r in skipped] == [T0 + timedelta(seconds=2)]
     assert skipped[0].created_at == T0 + timedelta(seconds=2)
+
+
+class _PruneFails:
+    """Makes the store's prune wait until released, then fail as a closed client does."""
+
+    def __init__(self, h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        monkeypatch.setattr(h.coordination, "prune_runs", self._prune)
+
+    def _prune(self, finished_before: datetime, keep: int | None = None) -> int:
+        self.entered.set()
+        assert self.release.wait(10)
+        raise StoreUnavailable("ZooKeeper: ConnectionLoss()")
+
+
+def _prune_while(h: Harness, monkeypatch: pytest.MonkeyPatch, stop_first: bool) -> None:
+    """Lead on a thread (its first pass prunes, on the pruner thread); let that prune fail."""
+    fails = _PruneFails(h, monkeypatch)
+    h.lead(thread=True)
+    assert fails.entered.wait(10)
+    pruner = h.scheduler._pruner
+    assert pruner is not None
+    if stop_first:
+        h.scheduler.stop()
+    fails.release.set()
+    pruner.join(10)
+    assert not pruner.is_alive()
+    h.scheduler.stop()
+
+
+def test_a_prune_cut_short_by_the_schedulers_stop_is_not_an_error(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping peer closes its store under the pruner thread: that is no failure."""
+    caplog.set_level(logging.INFO, logger="distcrond.scheduler")
+    _prune_while(h, monkeypatch, stop_first=True)
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("pruning stopped with the scheduler" in r.getMessage() for r in caplog.records)
+
+
+def test_a_prune_that_fails_while_scheduling_is_an_error(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="distcrond.scheduler")
+    _prune_while(h, monkeypatch, stop_first=False)
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "pruning finished run records failed" in error.getMessage()

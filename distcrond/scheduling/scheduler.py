@@ -635,7 +635,10 @@ class Scheduler:
     def _prune(self, finished_before: datetime) -> None:
         try:
             pruned = self._coordination.prune_runs(finished_before, keep=self._retention_count)
-        except Exception:
+        except Exception as exc:
+            if self._stop.is_set():  # stopping: the store may be closing under the pruner
+                log.info("pruning stopped with the scheduler (%r); the next leader prunes", exc)
+                return
             log.exception("pruning finished run records failed; the next prune retries")
             return
         if pruned:
