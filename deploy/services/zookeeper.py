@@ -44,7 +44,7 @@ MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 # records live long enough to be promoted, then die: a stop-the-world collector must
 # empty the old generation every 30-60 s, and each pause stalls every client of the
 # server (or, on the leader, every write). ZGC collects concurrently (pauses under a
-# millisecond); with 256 MB (of a live set near 25 MB) it never stalls an allocation.
+# millisecond); in 256 MB (for a live set near 25 MB) allocations rarely wait for it.
 # One concurrent GC thread each: three JVMs share a small machine with the peers.
 HEAP = ("-Xms256m", "-Xmx256m")
 GC = ("-XX:+UseZGC", "-XX:ConcGCThreads=1")

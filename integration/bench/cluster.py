@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -594,6 +595,47 @@ class Stages:
     missed_by_state: dict[str, int]  # what ZooKeeper says of the window's missed slots
 
 
+@dataclass(frozen=True)
+class ZooKeeperGC:
+    """The three servers' collections in a window, from their ``gc.log``."""
+
+    pauses: int
+    longest_pause_ms: float
+    stalls: int  # allocations that waited for a collection
+    longest_stall_ms: float
+
+
+# gc.log lines (-Xlog decorations time,uptime,tags) that stop a thread: a pause, or a stall.
+_GC_WAIT = re.compile(
+    r"^\[(?P<time>[^\]]+)\]\[[^\]]*\]\[[^\]]*\] "
+    r"(?:GC\(\d+\) (?P<pause>Pause) .*|Allocation Stall \(.*\)) (?P<ms>[\d.]+)ms$"
+)
+
+
+def gc_waits(lines: Iterable[str], lo: float, hi: float) -> ZooKeeperGC:
+    """Pauses and allocation stalls logged between the timestamps ``lo`` and ``hi``."""
+    pauses: list[float] = []
+    stalls: list[float] = []
+    for line in lines:
+        m = _GC_WAIT.match(line.rstrip())
+        if m is None:
+            continue
+        t = datetime.strptime(m["time"], "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        if lo <= t < hi:
+            (pauses if m["pause"] else stalls).append(float(m["ms"]))
+    return ZooKeeperGC(len(pauses), max(pauses, default=0.0), len(stalls), max(stalls, default=0.0))
+
+
+def zookeeper_gc(ensemble: Ensemble, window: tuple[datetime, datetime]) -> ZooKeeperGC:
+    def lines() -> Iterator[str]:
+        for n in ensemble.ids:
+            log = ensemble.gc_log_file(n)
+            for path in sorted(log.parent.glob(log.name + "*")):  # and the rotated ones
+                yield from path.read_text(errors="replace").splitlines()
+
+    return gc_waits(lines(), window[0].timestamp(), window[1].timestamp())
+
+
 @dataclass
 class Step:
     jobs: int
@@ -608,6 +650,7 @@ class Step:
     leader: str | None  # the leader just after the window
     stages: Stages | None = None
     zk_requests_per_run: float | None = None  # client requests the servers received, per run
+    zk_gc: ZooKeeperGC | None = None
 
     @property
     def passed(self) -> bool:
@@ -742,6 +785,7 @@ def throughput_step(
         leader,
         stages(store, plan, ledger, recent(due, window)) if store is not None else None,
         (req1 - req0) / started if started and req0 is not None and req1 is not None else None,
+        zookeeper_gc(ensemble, window),
     )
 
 
@@ -954,6 +998,14 @@ def print_throughput(result: ThroughputResult) -> None:
             "ZooKeeper client requests per run (mntr zk_packets_received, the three servers): "
             + ", ".join(f"{s.jobs} jobs {opt(s.zk_requests_per_run, '.2f')}" for s in result.steps)
         )
+    if any(s.zk_gc is not None for s in result.steps):
+        print("ZooKeeper collections in each window (the three servers' gc.log):")
+        for s in result.steps:
+            if (g := s.zk_gc) is not None:
+                print(
+                    f"  {s.jobs} jobs: {g.pauses} pauses, longest {g.longest_pause_ms:.1f} ms; "
+                    f"{g.stalls} allocation stalls, longest {g.longest_stall_ms:.1f} ms"
+                )
     first = result.steps[0] if result.steps else None
     if first is not None and first.stages is not None:
         st = first.stages
