@@ -1003,7 +1003,7 @@ def print_throughput(result: ThroughputResult) -> None:
         for s in result.steps:
             if (g := s.zk_gc) is not None:
                 print(
-                    f"  {s.jobs} jobs: {g.pauses} pauses, longest {g.longest_pause_ms:.1f} ms; "
+                    f"  {s.jobs} jobs: {g.pauses} pauses, longest {g.longest_pause_ms:.2f} ms; "
                     f"{g.stalls} allocation stalls, longest {g.longest_stall_ms:.1f} ms"
                 )
     first = result.steps[0] if result.steps else None
