@@ -6,6 +6,7 @@ Each test gets its own chroot (``zk_hosts``). Waits poll with deadlines.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -540,6 +541,29 @@ def test_runs_whose_read_failed_reach_the_watch_when_the_directory_is_listed_aga
 
     eventually(lambda: events.run_ids() == {r.run_id for r in runs}, what="both runs")
     assert not events.duplicate.is_set()
+
+
+def test_a_read_of_new_runs_cut_short_by_closing_the_store_is_no_warning(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stopping peer closes its store while its watch may be reading the runs just
+    handed to it: that read's failure is the stop, not a fault to warn about."""
+    caplog.set_level(logging.INFO, logger="distcrond.coordination.zookeeper")
+    (leader, _), (executor, client_e) = make_store(), make_store(op_timeout=2.0)
+    epoch = lead(leader, "l")
+    executor.watch_runs("e", RunEvents())
+    sent = Sent(client_e, (("MultiRead", "GetData"), ConnectionLoss()))
+
+    leader.record_runs(epoch, [run("backup", 0, "e")])
+    eventually(lambda: sent.types["MultiRead"] + sent.types["GetData"], what="a read refused")
+    executor.close()
+
+    def said(text: str) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    eventually(lambda: said("stopped reading new runs: the store closed"), what="the read given up")
+    assert said("could not read new runs") == []
 
 
 def test_servers_without_persistent_watches_get_children_watches(

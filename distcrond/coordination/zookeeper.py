@@ -1378,6 +1378,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         try:
             found = self._retry(lambda _lost: self._get_many(paths))
         except StoreUnavailable as exc:
+            if self._closed:  # closing (a stopping peer): its session may be going first
+                log.info("watch of %s: stopped reading new runs: the store closed", watcher.peer_id)
+                return
             log.warning("watch of %s: could not read new runs: %s", watcher.peer_id, exc)
             # Forget them so that the next listing reports them again: a children watch
             # lists after the next change; a persistent watch is listed again in a second.
