@@ -53,6 +53,13 @@ def _seconds(value: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive_seconds(value: str) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive duration")
+    return seconds
+
+
 def _zk_root(value: str) -> str:
     if not value.startswith("/") or (value != "/" and value.endswith("/")) or "//" in value:
         raise argparse.ArgumentTypeError(f"{value!r} is not a znode path like /distcron")
@@ -190,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(env DISTCRON_ZK_SESSION_TIMEOUT; default 4s)",
     )
     p.add_argument(
+        "--leader-stall-timeout",
+        type=_positive_seconds,
+        default=_env("LEADER_STALL_TIMEOUT", "5s") or "5s",
+        help="a leader none of whose scheduler passes completed for this long logs why, gives "
+        "leadership up and contends again; every peer's /api/v1/health answers 503 while the "
+        "leader's last pass is older (env DISTCRON_LEADER_STALL_TIMEOUT; default 5s)",
+    )
+    p.add_argument(
         "--zk-auth",
         default=_env("ZK_AUTH"),
         metavar="USER:PASSWORD",
@@ -296,6 +311,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         zookeeper=args.zookeeper or None,
         zk_root=args.zk_root,
         zk_session_timeout=args.zk_session_timeout,
+        leader_stall_timeout=args.leader_stall_timeout,
         zk_auth=args.zk_auth or None,
         max_concurrent_runs=args.max_concurrent_runs,
         run_retention_seconds=args.run_retention,

@@ -162,8 +162,8 @@ class Daemon:
                 supported_types=runners.keys(),
                 retention=s.run_retention,
                 retention_count=s.run_retention_count,
-                # Deposed mid-pass: stop scheduling (the store's election decides what next).
-                on_fenced=lambda: monitor.revoke_leadership(),
+                # Deposed mid-pass: that term ends (the store's election decides what next).
+                on_fenced=lambda epoch: monitor.fenced(epoch),
             )
             self._scheduler = scheduler
             coordination.watch_triggers(scheduler.triggers_queued)
@@ -172,11 +172,14 @@ class Daemon:
             watcher.start()
             stack.callback(watcher.stop)
 
-            monitor = LeadershipMonitor(scheduler)
+            monitor = LeadershipMonitor(
+                scheduler, coordination, s.peer_id, self.clock, s.leader_stall_timeout
+            )
+            monitor.start()
             coordination.start_election(s.peer_id, monitor)
             stack.callback(coordination.stop_election)
             # Stop scheduling before abdicating, so that no pass is fenced out mid-way.
-            stack.callback(monitor.revoke_leadership)
+            stack.callback(monitor.close)
 
             # A timed wait: a signal that the kernel hands to another thread leaves the main
             # thread's untimed lock wait asleep, and Python runs handlers on the main thread

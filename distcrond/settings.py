@@ -41,6 +41,8 @@ class Settings:
     zk_root: str = "/distcron"
     # Also the failover time after a crash: a dead leader's session must expire first.
     zk_session_timeout: float = 4.0
+    # A leader whose scheduler completes no pass for this long resigns (and health is 503).
+    leader_stall_timeout: float = 5.0
     # "user:password" for ZooKeeper digest auth; never in to_json (it would show in ps).
     zk_auth: str | None = None
     max_concurrent_runs: int = 256
@@ -109,6 +111,7 @@ class Settings:
             "zookeeper": self.zookeeper,
             "zk_root": self.zk_root,
             "zk_session_timeout": self.zk_session_timeout,
+            "leader_stall_timeout": self.leader_stall_timeout,
             "max_concurrent_runs": self.max_concurrent_runs,
             "run_retention_seconds": self.run_retention_seconds,
             "run_retention_count": self.run_retention_count,
@@ -135,6 +138,7 @@ class Settings:
             zookeeper=data.get("zookeeper"),
             zk_root=data.get("zk_root", "/distcron"),
             zk_session_timeout=float(data.get("zk_session_timeout", 4.0)),
+            leader_stall_timeout=float(data.get("leader_stall_timeout", 5.0)),
             max_concurrent_runs=int(data.get("max_concurrent_runs", 256)),
             run_retention_seconds=float(data.get("run_retention_seconds", 900.0)),
             run_retention_count=int(data.get("run_retention_count", 10_000)),

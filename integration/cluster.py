@@ -16,7 +16,12 @@ from typing import Any
 
 import requests
 
+from distcrond.runs import split_run_id
 from integration.peers import Peer, ledger_lines, wait_for
+
+# Slots are recorded up to this long before they are due (the scheduler's lookahead and
+# pass span, with a margin): a run of a later slot was scheduled after that instant.
+RECORDED_AHEAD = 0.1  # seconds
 
 
 def ledger_job(ledger: Path, every: str = "1s", **fields: Any) -> dict[str, Any]:
@@ -134,3 +139,21 @@ def wait_new_lines(ledger: Path, after: float, timeout: float, not_peer: str = "
         return None
 
     return wait_for(found, timeout, f"a run after {after}", interval=0.005)
+
+
+def wait_scheduled_run(
+    ledger: Path, scheduled_after: float, started_after: float, timeout: float
+) -> list[str]:
+    """The first ledger line of a run that was scheduled after ``scheduled_after`` (its
+    slot is later than that instant + RECORDED_AHEAD) and started at or after
+    ``started_after`` (epoch seconds): proof that the cluster schedules again after a
+    fault, which a run recorded before it is not. Polls every 5 ms."""
+
+    def found() -> list[str] | None:
+        for line in ledger_lines(ledger):
+            slot = split_run_id(line[0])[1].timestamp()
+            if slot > scheduled_after + RECORDED_AHEAD and float(line[2]) >= started_after:
+                return line
+        return None
+
+    return wait_for(found, timeout, f"a run scheduled after {scheduled_after}", interval=0.005)

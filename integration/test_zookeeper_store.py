@@ -234,6 +234,59 @@ def test_a_suspended_leader_is_revoked_and_leads_again_with_a_new_epoch(
     assert store.record_runs(second, [run("backup", 0, "a")]) == [run("backup", 0, "a")]
 
 
+def test_a_watch_callback_that_blocks_delays_no_change_of_leader(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    import threading
+
+    store, client = make_store()
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def stuck(_record: RunRecord) -> None:  # a watch callback that does not return
+        blocked.set()
+        release.wait(30)
+
+    listener = Listener()
+    try:
+        store.watch_runs("a", stuck)
+        store.start_election("a", listener)
+        first = listener.epoch()
+        store.record_runs(first, [run("backup", 0, "a")])
+        assert blocked.wait(10), "the watch callback was called"
+
+        drop_connection(client)  # suspended, then connected again in the same session
+
+        eventually(lambda: listener.count("revoke") == 1, what="revoke on SUSPENDED")
+        eventually(lambda: listener.count("establish") == 2, what="leadership again")
+        assert listener.epoch() > first
+    finally:
+        release.set()
+
+
+def test_resign_hands_leadership_to_the_next_peer_at_once_and_queues_behind_it(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    (a, _), (b, _) = make_store(), make_store()
+    la, lb = Listener(), Listener()
+    a.start_election("a", la)
+    old = la.epoch()
+    b.start_election("b", lb)
+
+    started = time.monotonic()
+    a.resign(old)
+    new = lb.epoch()
+    handover = time.monotonic() - started
+
+    assert handover < 1.0, f"handover took {handover:.3f}s"
+    assert la.count("revoke") == 1 and la.count("establish") == 1  # a waits behind b
+    with pytest.raises(FencedOut):
+        a.record_runs(old, [run("backup", 0, "a")])
+    b.stop_election()
+    eventually(lambda: la.count("establish") == 2, what="a to lead after b")
+    assert la.epoch() > new
+
+
 def test_claim_refuses_while_the_session_is_not_connected(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:

@@ -21,6 +21,7 @@ from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import (
     ConfigSnapshot,
     PeerInfo,
+    SchedulerPass,
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
@@ -198,23 +199,99 @@ class BuggyCoordination(SQLiteCoordinationStore):
 # -- health ---------------------------------------------------------------------
 
 
-def test_health_is_ok_when_both_stores_answer(client: TestClient) -> None:
+def passed(store: SQLiteCoordinationStore, at: datetime, stall_timeout: float = 5.0) -> None:
+    """The leader (peer-a) published a completed scheduler pass at ``at``."""
+    store.publish_scheduler_pass(SchedulerPass("peer-a", epoch_of(store), at, stall_timeout))
+
+
+def test_health_is_ok_when_both_stores_answer_and_the_leader_passed_lately(
+    client: TestClient, leader: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    passed(leader, NOW)
+    clock.advance(timedelta(seconds=2))
     result = client.simulate_get("/api/v1/health")
     assert result.status == falcon.HTTP_200
     assert result.json == {
         "status": "ok",
         "peer_id": "peer-a",
-        "is_leader": False,
-        "leader_id": None,
-        "epoch": None,
+        "is_leader": True,
+        "leader_id": "peer-a",
+        "epoch": epoch_of(leader),
         "version": distcrond.__version__,
         "stores": {
             "coordination": result.json["stores"]["coordination"],
             "reports": result.json["stores"]["reports"],
         },
+        "scheduler": {
+            "ok": True,
+            "last_pass": format_slot(NOW),
+            "last_pass_epoch": epoch_of(leader),
+            "last_pass_age_seconds": 2.0,
+            "stall_timeout_seconds": 5.0,
+            "detail": f"2.0 s since the last pass of epoch {epoch_of(leader)}",
+        },
     }
     assert result.json["stores"]["coordination"]["ok"] is True
     assert result.json["stores"]["reports"]["backend"] == "sqlite"
+
+
+def test_health_is_503_once_the_leaders_last_pass_is_older_than_its_stall_timeout(
+    client: TestClient, leader: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    passed(leader, NOW, stall_timeout=3.0)
+    clock.advance(timedelta(seconds=3.5))
+    result = client.simulate_get("/api/v1/health")
+    assert result.status == falcon.HTTP_503
+    assert result.json["status"] == "degraded"
+    assert result.json["stores"]["coordination"]["ok"] is True
+    scheduler = result.json["scheduler"]
+    assert scheduler["ok"] is False
+    assert scheduler["last_pass_age_seconds"] == 3.5
+    assert scheduler["stall_timeout_seconds"] == 3.0
+    assert "over the stall timeout of 3 s" in scheduler["detail"]
+
+
+def test_health_is_503_when_no_leader_has_ever_scheduled(client: TestClient) -> None:
+    result = client.simulate_get("/api/v1/health")
+    assert result.status == falcon.HTTP_503
+    assert result.json["leader_id"] is None
+    assert result.json["scheduler"]["ok"] is False
+    assert result.json["scheduler"]["detail"] == "no leader has scheduled yet"
+
+
+def test_health_gives_a_new_leader_the_stall_timeout_for_its_first_pass(
+    tmp_path: Path,
+    coordination: SQLiteCoordinationStore,
+    reports: SQLiteReportStore,
+    leader: SQLiteCoordinationStore,
+) -> None:
+    info = leader.leader()
+    assert info is not None
+    # The previous leader's pass (an older epoch) says nothing about the new leader.
+    leader.publish_scheduler_pass(SchedulerPass("peer-b", info.epoch - 1, info.since, 5.0))
+    clock = FakeClock(info.since + timedelta(seconds=4))
+    app = TestClient(create_app(coordination, reports, "peer-a", clock))
+    first = app.simulate_get("/api/v1/health")
+    assert first.status == falcon.HTTP_200
+    assert first.json["scheduler"]["last_pass"] is None
+    assert first.json["scheduler"]["detail"].startswith("4.0 s since leader peer-a took over")
+    clock.advance(timedelta(seconds=2))
+    assert app.simulate_get("/api/v1/health").status == falcon.HTTP_503
+
+
+def test_health_is_503_when_the_last_leaders_pass_ages_and_no_leader_follows(
+    client: TestClient, tmp_path: Path, clock: FakeClock
+) -> None:
+    store = elect(tmp_path / "coordination.sqlite3", "peer-a")
+    passed(store, NOW)
+    store.close()  # abdicates: no leader now
+    clock.advance(timedelta(seconds=1))
+    assert client.simulate_get("/api/v1/health").status == falcon.HTTP_200
+    clock.advance(timedelta(seconds=5))
+    result = client.simulate_get("/api/v1/health")
+    assert result.status == falcon.HTTP_503
+    assert result.json["scheduler"]["detail"].endswith("over the stall timeout of 5 s")
+    assert "no leader now" in result.json["scheduler"]["detail"]
 
 
 def test_health_names_this_peer_leader_with_its_epoch(
@@ -843,6 +920,22 @@ def test_metrics_are_prometheus_text_with_the_spool_gauges(
     assert samples[("distcron_is_leader", ())] == 1
     assert samples[("distcron_store_up", (("backend", "sqlite"), ("store", "reports")))] == 1
     assert samples[("distcron_active_runs", ())] == 0
+    assert samples[("distcron_scheduler_stall_timeout_seconds", ())] == 5.0
+
+
+def test_metrics_give_the_age_of_the_leaders_last_pass(
+    client: TestClient, leader: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    passed(leader, NOW)
+    clock.advance(timedelta(seconds=1.5))
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(client.simulate_get("/metrics").text)
+        for s in family.samples
+    }
+    assert samples["distcron_scheduler_last_pass_age_seconds"] == 1.5
 
 
 def test_metrics_without_a_spool_have_no_spool_gauges(client: TestClient) -> None:

@@ -56,6 +56,19 @@ def test_the_retention_count_has_a_default_a_flag_and_an_environment_variable(
     assert settings("--shutdown-grace", "2.5").shutdown_grace == 2.5
 
 
+def test_the_leader_stall_timeout_has_a_default_a_flag_and_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distcrond.settings import Settings
+
+    assert settings().leader_stall_timeout == 5.0
+    assert settings("--leader-stall-timeout", "2.5s").leader_stall_timeout == 2.5
+    monkeypatch.setenv("DISTCRON_LEADER_STALL_TIMEOUT", "8")
+    assert settings().leader_stall_timeout == 8.0
+    # The API process gets it too: its health check's bound before a leader publishes one.
+    assert Settings.from_json(settings().to_json()).leader_stall_timeout == 8.0
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -67,6 +80,8 @@ def test_the_retention_count_has_a_default_a_flag_and_an_environment_variable(
         ["--zk-auth", "no-password"],
         ["--zk-session-timeout", "soon"],
         ["--run-retention-count", "0"],
+        ["--leader-stall-timeout", "0"],
+        ["--leader-stall-timeout", "soon"],
     ],
 )
 def test_bad_flags_exit_with_usage_error(
@@ -87,6 +102,7 @@ def test_bad_flags_exit_with_usage_error(
         ("DISTCRON_RUN_RETENTION_COUNT", "--run-retention-count"),
         ("DISTCRON_SHUTDOWN_GRACE", "--shutdown-grace"),
         ("DISTCRON_ZK_SESSION_TIMEOUT", "--zk-session-timeout"),
+        ("DISTCRON_LEADER_STALL_TIMEOUT", "--leader-stall-timeout"),
         ("DISTCRON_ES_PORT", "--es-port"),
     ],
 )

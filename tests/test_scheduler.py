@@ -69,7 +69,7 @@ class Harness:
             lambda: self.config,
             self.clock,
             ["local"],
-            on_fenced=self.fenced.set,
+            on_fenced=lambda _epoch: self.fenced.set(),
         )
 
     def set_jobs(self, *jobs: JobSpec, nodes: dict[str, NodeSpec] | None = None) -> None:

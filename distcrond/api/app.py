@@ -52,10 +52,11 @@ def create_app(
     peer_id: str,
     clock: Clock | None = None,
     spool_dir: Path | None = None,
+    stall_timeout: float = 5.0,
 ) -> falcon.App:
     """The API over the given stores, answering as peer ``peer_id`` (whose report spool,
     if its reports go to Elasticsearch, is ``spool_dir``)."""
-    ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir)
+    ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir, stall_timeout)
     app = falcon.App(media_type=falcon.MEDIA_JSON)
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in ROUTES:

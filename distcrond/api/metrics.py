@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import distcrond
-from distcrond.api.resources import APIContext, store_status
+from distcrond.api.resources import APIContext, scheduler_health, store_status
 from distcrond.coordination.base import StoreUnavailable
 from distcrond.runs import ACTIVE_STATES
 
@@ -51,9 +51,22 @@ class _PeerCollector(Collector):
             try:
                 leader = ctx.leader()
                 active = len(ctx.coordination.runs(states=ACTIVE_STATES))
+                scheduler = scheduler_health(ctx, leader)
             except StoreUnavailable:
                 pass
             else:
+                if scheduler.age is not None:
+                    yield GaugeMetricFamily(
+                        "distcron_scheduler_last_pass_age_seconds",
+                        "Seconds since the leader's newest completed scheduler pass (since it "
+                        "took over, before its first; with no leader, since the last one's).",
+                        value=scheduler.age,
+                    )
+                yield GaugeMetricFamily(
+                    "distcron_scheduler_stall_timeout_seconds",
+                    "The leader's --leader-stall-timeout: past it without a pass, it resigns.",
+                    value=scheduler.stall_timeout,
+                )
                 yield GaugeMetricFamily(
                     "distcron_is_leader",
                     "1 when this peer is the leader.",

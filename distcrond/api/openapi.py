@@ -158,11 +158,31 @@ def _schemas() -> dict[str, Schema]:
                     "stores": obj(
                         {"coordination": ref("StoreStatus"), "reports": ref("StoreStatus")}
                     ),
+                    "scheduler": nullable(ref("SchedulerHealth"))
+                    | {"description": "null when the coordination store does not answer."},
                 },
                 optional={
                     "report_spool": ref("SpoolStats")
                     | {"description": "Only when reports go to Elasticsearch: what waits for it."}
                 },
+            ),
+            "SchedulerHealth": obj(
+                {
+                    "ok": BOOLEAN
+                    | {"description": "A leader completed a pass within the stall timeout."},
+                    "last_pass": nullable(TIMESTAMP)
+                    | {"description": "The current leader's newest completed pass."},
+                    "last_pass_epoch": nullable(INTEGER),
+                    "last_pass_age_seconds": nullable({"type": "number"})
+                    | {
+                        "description": "Seconds the current leader has gone without a pass "
+                        "(since it took over, before its first; with no leader, since the "
+                        "last leader's newest pass); null when none is known."
+                    },
+                    "stall_timeout_seconds": {"type": "number"},
+                    "detail": STRING,
+                },
+                description="Whether the cluster schedules.",
             ),
             "SpoolStats": obj(
                 {
@@ -399,12 +419,13 @@ def _paths() -> dict[str, Any]:
         "/api/v1/health": {
             "get": {
                 "operationId": "getHealth",
-                "summary": "Whether this peer's stores answer",
+                "summary": "Whether this peer's stores answer and the cluster schedules",
                 "tags": ["cluster"],
                 "responses": {
-                    **_ok("Both stores answer.", "Health"),
+                    **_ok("Both stores answer; the leader's last pass is recent.", "Health"),
                     "503": {
-                        "description": "A store does not answer (same body, status degraded).",
+                        "description": "A store does not answer, or no leader completed a "
+                        "scheduler pass within the stall timeout (same body, status degraded).",
                         "content": {JSON: {"schema": ref("Health")}},
                     },
                     "500": {"$ref": "#/components/responses/500"},

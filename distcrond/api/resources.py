@@ -28,6 +28,7 @@ from distcrond.coordination.base import (
     ConfigSnapshot,
     CoordinationStore,
     LeaderInfo,
+    SchedulerPass,
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
@@ -65,6 +66,8 @@ class APIContext:
     clock: Clock
     # The daemon's report spool (Elasticsearch reports wait there), None with SQLite reports.
     spool_dir: Path | None = None
+    # This peer's --leader-stall-timeout: health's bound until a leader has published its own.
+    stall_timeout: float = 5.0
 
     def spool(self) -> SpoolStats | None:
         return read_spool_stats(self.spool_dir) if self.spool_dir is not None else None
@@ -149,6 +152,54 @@ def _active_records(ctx: APIContext, job_id: str | None = None) -> list[RunRecor
     return sorted(records, key=lambda r: (r.slot, r.run_id), reverse=True)
 
 
+@dataclass(frozen=True)
+class SchedulerHealth:
+    """Whether the cluster schedules: some leader completed a pass within the stall timeout.
+
+    ``age`` is how long the current leader has gone without a pass: since its newest one,
+    or since it took over when it has none yet; with no leader, since the last leader's
+    newest pass. It is measured on this peer's clock against the leader's (NTP-close
+    clocks assumed); None when no pass was ever published and no leader is known."""
+
+    ok: bool
+    last_pass: SchedulerPass | None  # the current leader's newest pass
+    age: float | None
+    stall_timeout: float
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        last = self.last_pass
+        return {
+            "ok": self.ok,
+            "last_pass": format_slot(last.at) if last else None,
+            "last_pass_epoch": last.epoch if last else None,
+            "last_pass_age_seconds": round(self.age, 3) if self.age is not None else None,
+            "stall_timeout_seconds": self.stall_timeout,
+            "detail": self.detail,
+        }
+
+
+def scheduler_health(ctx: APIContext, leader: LeaderInfo | None) -> SchedulerHealth:
+    """The scheduler's health, from the pass the leader published last (see SchedulerHealth)."""
+    published = ctx.coordination.scheduler_pass()
+    timeout = published.stall_timeout if published else ctx.stall_timeout
+    current = (
+        published if published and (leader is None or published.epoch == leader.epoch) else None
+    )
+    if current is not None:
+        since, what = current.at, f"the last pass of epoch {current.epoch}"
+    elif leader is not None:
+        since, what = leader.since, f"leader {leader.peer_id} took over (epoch {leader.epoch})"
+    else:
+        return SchedulerHealth(False, None, None, timeout, "no leader has scheduled yet")
+    age = max(0.0, (ctx.clock.now() - since).total_seconds())
+    ok = age <= timeout
+    detail = f"{age:.1f} s since {what}" + ("" if leader else "; no leader now")
+    if not ok:
+        detail += f": over the stall timeout of {timeout:g} s"
+    return SchedulerHealth(ok, current, age, timeout, detail)
+
+
 def store_status(store: CoordinationStore | ReportStore) -> StoreStatus:
     try:
         return store.status()
@@ -219,12 +270,14 @@ class Health:
         coordination = store_status(self.ctx.coordination)
         reports = store_status(self.ctx.reports)
         leader: LeaderInfo | None = None
+        scheduler: SchedulerHealth | None = None
         if coordination.ok:
             try:
                 leader = self.ctx.leader()
+                scheduler = scheduler_health(self.ctx, leader)
             except StoreUnavailable:
                 coordination = StoreStatus(False, coordination.backend, "leader lookup failed")
-        ok = coordination.ok and reports.ok
+        ok = coordination.ok and reports.ok and scheduler is not None and scheduler.ok
         resp.status = falcon.HTTP_200 if ok else falcon.HTTP_503
         resp.media = {
             "status": "ok" if ok else "degraded",
@@ -234,6 +287,7 @@ class Health:
             "epoch": leader.epoch if leader else None,
             "version": distcrond.__version__,
             "stores": {"coordination": coordination.to_json(), "reports": reports.to_json()},
+            "scheduler": scheduler.to_json() if scheduler else None,
         }
         spool = self.ctx.spool()
         if spool is not None:

@@ -81,7 +81,13 @@ class APIServer(BaseApplication):
         reports = open_reports(self.settings)
         self._stores = [coordination, reports]
         spool_dir = self.settings.spool_dir if self.settings.es_urls else None
-        return create_app(coordination, reports, self.settings.peer_id, spool_dir=spool_dir)
+        return create_app(
+            coordination,
+            reports,
+            self.settings.peer_id,
+            spool_dir=spool_dir,
+            stall_timeout=self.settings.leader_stall_timeout,
+        )
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
         for store in self._stores:

@@ -18,7 +18,8 @@ Promises every backend keeps:
   that changed meanwhile.
 * ``executing_runs`` is liveness: a run claimed by a peer whose session (or
   process) has ended is ``running`` in its record but not in that set.
-* Watch callbacks run on a thread of the store's and must not block.
+* Watch callbacks, and the leadership listener's methods, run on a thread of the
+  store's and must not block: a listener hands the transition on and returns.
 """
 
 from __future__ import annotations
@@ -110,6 +111,40 @@ class LeaderInfo:
 
 
 @dataclass(frozen=True)
+class SchedulerPass:
+    """The newest completed pass of a leader's scheduler, as the leader published it.
+
+    ``at`` is the leader's wall clock at the end of that pass; ``stall_timeout`` is the
+    leader's ``--leader-stall-timeout``: past it without a pass, the leader abdicates."""
+
+    peer_id: str
+    epoch: int
+    at: datetime
+    stall_timeout: float
+
+    def to_json(self) -> dict[str, Any]:
+        from distcrond.runs import format_slot
+
+        return {
+            "peer_id": self.peer_id,
+            "epoch": self.epoch,
+            "at": format_slot(self.at),
+            "stall_timeout": self.stall_timeout,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SchedulerPass:
+        from distcrond.runs import parse_slot
+
+        return cls(
+            peer_id=data["peer_id"],
+            epoch=int(data["epoch"]),
+            at=parse_slot(data["at"]),
+            stall_timeout=float(data["stall_timeout"]),
+        )
+
+
+@dataclass(frozen=True)
 class TriggerRequest:
     """A manual "run now", written by any peer's API and consumed by the leader."""
 
@@ -181,7 +216,9 @@ class NodeHealth:
 
 
 class LeadershipListener(Protocol):
-    """Told when this peer gains or loses leadership (on a thread of the store's)."""
+    """Told when this peer gains or loses leadership, on a thread of the store's, in order.
+    Its methods must return at once (hand the transition on): the store may tell it from
+    the thread that also delivers its other callbacks."""
 
     def establish_leadership(self, epoch: int) -> None: ...
 
@@ -288,6 +325,23 @@ class CoordinationStore(ABC):
     @abstractmethod
     def leader(self) -> LeaderInfo | None:
         """The current leader, if any."""
+
+    @abstractmethod
+    def resign(self, epoch: int) -> None:
+        """Give up the leadership of ``epoch`` now, if this peer still holds it, and stand
+        again: the lock is released at once (the next contender takes over), the listener
+        is told ``revoke_leadership``, and this peer contends again behind the others. A
+        no-op otherwise. Returns without waiting for any of it or for the listener."""
+
+    @abstractmethod
+    def publish_scheduler_pass(self, status: SchedulerPass) -> None:
+        """Record the leader's newest completed scheduler pass, for every peer's health
+        check. Best effort: it may return before the write lands, and a failed write is
+        logged, never raised (the next pass publishes again)."""
+
+    @abstractmethod
+    def scheduler_pass(self) -> SchedulerPass | None:
+        """The newest scheduler pass published (by whichever leader), if any."""
 
     # -- run records ---------------------------------------------------------
     @abstractmethod

@@ -53,6 +53,7 @@ from distcrond.coordination.base import (
     LeadershipListener,
     NodeHealth,
     PeerInfo,
+    SchedulerPass,
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
@@ -110,6 +111,11 @@ _SCHEMA = (
     )""",
     "CREATE TABLE IF NOT EXISTS configs (peer_id TEXT PRIMARY KEY, data TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS node_health (node_id TEXT PRIMARY KEY, data TEXT NOT NULL)",
+    # One row (id = 1): the leader's newest completed scheduler pass (SchedulerPass JSON).
+    """CREATE TABLE IF NOT EXISTS scheduler_pass (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        data TEXT NOT NULL
+    )""",
 )
 
 _TERMINAL = tuple(s.value for s in RunState if s.terminal)
@@ -322,17 +328,49 @@ class SQLiteCoordinationStore(CoordinationStore):
         with self._leadership_lock:
             with self._lock:
                 election, self._election = self._election, None
-            if election is None or election.epoch is None:
+            if election is not None:
+                self._give_up(election)
+
+    def resign(self, epoch: int) -> None:
+        """Give the leader row up (telling the listener), then take it again if it is free:
+        with a single daemon on the file, leadership comes back at once with a new epoch."""
+        with self._leadership_lock:
+            election = self._election
+            if election is None or election.epoch != epoch:
                 return
-            try:
-                with self._db.write() as conn:
-                    conn.execute(
-                        "UPDATE leader SET peer_id = NULL, since = NULL "
-                        "WHERE id = 1 AND peer_id = ? AND epoch = ?",
-                        (election.peer_id, election.epoch),
-                    )
-            finally:  # the peer stops acting as leader even if the row could not be cleared
-                self._dispatch(election.listener.revoke_leadership)
+            log.warning("peer %s resigns leadership (epoch %d)", election.peer_id, election.epoch)
+            self._give_up(election)
+        self._take_leadership(only_if_free=True)
+
+    def _give_up(self, election: _Election) -> None:
+        """Clear the leader row if it is still ours and tell the listener (leadership lock)."""
+        epoch, election.epoch = election.epoch, None
+        if epoch is None:
+            return
+        try:
+            with self._db.write() as conn:
+                conn.execute(
+                    "UPDATE leader SET peer_id = NULL, since = NULL "
+                    "WHERE id = 1 AND peer_id = ? AND epoch = ?",
+                    (election.peer_id, epoch),
+                )
+        finally:  # the peer stops acting as leader even if the row could not be cleared
+            self._dispatch(election.listener.revoke_leadership)
+
+    def publish_scheduler_pass(self, status: SchedulerPass) -> None:
+        try:
+            with self._db.write() as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO scheduler_pass (id, data) VALUES (1, ?)",
+                    (json.dumps(status.to_json()),),
+                )
+        except StoreUnavailable as exc:
+            log.warning("could not publish the scheduler's pass: %s", exc)
+
+    def scheduler_pass(self) -> SchedulerPass | None:
+        with self._db.connection() as conn:
+            row = conn.execute("SELECT data FROM scheduler_pass WHERE id = 1").fetchone()
+        return SchedulerPass.from_json(json.loads(row[0])) if row else None
 
     def leader(self) -> LeaderInfo | None:
         with self._db.connection() as conn:

@@ -4,6 +4,7 @@ Layout under the root (``/distcron`` by default)::
 
     /epoch                        persistent; its data *version* is the fencing token
     /leader                       persistent; JSON {peer_id, epoch, since, node} of the last leader
+    /scheduler                    persistent; SchedulerPass JSON: the leader's newest pass
     /election/<lock contender>    kazoo Lock recipe children (ephemeral, sequential)
     /peers/<peer_id>              ephemeral; PeerInfo JSON
     /runs/<job_id>/<run_id>       persistent; RunRecord JSON (one bucket per job)
@@ -67,6 +68,10 @@ class ZKPaths:
     @property
     def leader(self) -> str:
         return self._join("leader")
+
+    @property
+    def scheduler(self) -> str:
+        return self._join("scheduler")
 
     @property
     def election(self) -> str:

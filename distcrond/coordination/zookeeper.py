@@ -26,9 +26,12 @@ there). The essentials:
   LOST (session expired) means contending again, and re-creating this instance's
   peer records; the heartbeats of the runs it had claimed are not re-created
   (those runs are lost: see ``executing_runs``).
-* **Callbacks** (run and trigger watches, the leadership listener) run on one
-  dispatch thread of this store, in order, never on kazoo's threads; an
-  exception is logged.
+* **Callbacks** (run and trigger watches) run on one dispatch thread of this store,
+  in order, never on kazoo's threads; an exception is logged. The leadership
+  listener is told on the election thread (its methods only queue the transition),
+  so that no watch's reads can delay a change of leader. The work a reconnection
+  brings (re-arming watches, re-creating peer records) runs on an upkeep thread,
+  behind which no callback waits.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ from distcrond.coordination.base import (
     LeadershipListener,
     NodeHealth,
     PeerInfo,
+    SchedulerPass,
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
@@ -132,6 +136,13 @@ _VERSIONS_MAX = 10_000
 _RELIST_AFTER = 1.0  # seconds
 # A persistent watch's first event waits this long for the others of its transaction.
 _DRAIN_GATHER = 0.002  # seconds
+# Reconnection attempts (each a round over every server): when the ensemble's leader dies,
+# the others drop every client and re-elect in ~0.2 s; kazoo's default backoff (0.1 s,
+# doubling) then reconnected the peers 0.4-0.7 s after the loss, this within ~0.2 s of the
+# ensemble serving again. A few dozen connection attempts a second are nothing to it.
+_CONNECTION_RETRY = {"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 0.2}
+# An election event "resign:<epoch>": give that epoch's leadership up (``resign``).
+_RESIGN = "resign:"
 
 
 def _encode(record: RunRecord) -> bytes:
@@ -249,7 +260,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 timeout=session_timeout,
                 auth_data=auth_data,
                 default_acl=self._acl,
-                connection_retry={"max_tries": -1, "max_delay": 1.0},
+                connection_retry=_CONNECTION_RETRY,
             )
         else:
             if auth:
@@ -278,9 +289,17 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._session_id: int | None = None
         self._events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._dispatcher = threading.Thread(
-            target=self._dispatch_loop, name="zk-store-events", daemon=True
+            target=self._dispatch_loop, args=(self._events,), name="zk-store-events", daemon=True
         )
         self._dispatcher.start()
+        # Re-arming watches and re-creating ephemeral nodes after a reconnection wait on the
+        # servers (up to the session timeout when they flap): on a thread of their own, so
+        # that no callback waits behind them.
+        self._upkeep: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._upkeeper = threading.Thread(
+            target=self._dispatch_loop, args=(self._upkeep,), name="zk-store-upkeep", daemon=True
+        )
+        self._upkeeper.start()
         client.add_listener(self._on_state)
         route_watch_events(client, self._on_watch_event)
         try:
@@ -334,9 +353,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._shutdown_threads()
 
     def _shutdown_threads(self) -> None:
-        self._events.put(None)
-        if self._dispatcher is not threading.current_thread():
-            self._dispatcher.join(timeout=10)
+        for events, thread in ((self._upkeep, self._upkeeper), (self._events, self._dispatcher)):
+            events.put(None)
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
 
     def status(self) -> StoreStatus:
         """ok while the session is connected; detail names the ensemble, root and state."""
@@ -374,7 +394,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     def start_election(self, peer_id: str, listener: LeadershipListener) -> None:
         """Contend for leadership (kazoo's Lock recipe on ``/election``) on a thread of
         this store's; ``listener`` hears ``establish_leadership(epoch)`` and
-        ``revoke_leadership()`` on the dispatch thread. RuntimeError if already standing.
+        ``revoke_leadership()`` on that election thread. RuntimeError if already standing.
         """
         with self._lock:
             if self._closed:
@@ -405,6 +425,35 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=self._op_timeout + 5)
         self._revoke(election)  # in case the thread could not (it is stuck on I/O)
+
+    def resign(self, epoch: int) -> None:
+        """Ask the election thread to hand the leadership of ``epoch`` over (if it still
+        holds it): it deletes its lock node, tells the listener, and contends again."""
+        with self._lock:
+            election = self._election
+        if election is not None:
+            log.warning("peer %s resigns leadership (epoch %d)", election.peer_id, epoch)
+            election.events.put(f"{_RESIGN}{epoch}")
+
+    def publish_scheduler_pass(self, status: SchedulerPass) -> None:
+        """One asynchronous set of ``/scheduler`` (not waited for: a pass never waits on it)."""
+        data = json.dumps(status.to_json()).encode()
+
+        def done(result: Any) -> None:  # kazoo's thread
+            if not result.successful():
+                log.warning("could not publish the scheduler's pass: %r", result.exception)
+
+        try:
+            self._client.set_async(self._paths.scheduler, data).rawlink(done)
+        except Exception as exc:  # closed or not connected: the next pass publishes again
+            log.warning("could not publish the scheduler's pass: %r", exc)
+
+    def scheduler_pass(self) -> SchedulerPass | None:
+        def read(_lost: bool) -> SchedulerPass | None:
+            got = self._get(self._paths.scheduler)
+            return SchedulerPass.from_json(json.loads(got[0])) if got and got[0] else None
+
+        return self._retry(read)
 
     def leader(self) -> LeaderInfo | None:
         """The leader named in ``/leader``, if its lock node is still in the election.
@@ -484,11 +533,14 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 with self._lock:
                     election.epoch = epoch
                 log.info("peer %s is leader (epoch %d)", election.peer_id, epoch)
-                self._dispatch(functools.partial(election.listener.establish_leadership, epoch))
-                outcome = self._hold(election, node)
+                _tell(election.listener.establish_leadership, epoch)
+                outcome = self._hold(election, node, epoch)
                 self._revoke(election)
                 if outcome == "stop":
                     return True
+                if outcome == "resign":  # hand over at once, and contend again behind the others
+                    self._abdicate(election)
+                    return False
                 if outcome in ("lost", "gone"):
                     return False
             # Suspended: leadership is revoked until the connection comes back, in the
@@ -505,8 +557,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 continue
         return True
 
-    def _hold(self, election: _Election, node: str) -> str:
-        """Wait while leader: "stop", "suspended", "lost" or "gone" (our lock node vanished)."""
+    def _hold(self, election: _Election, node: str, epoch: int) -> str:
+        """Wait while leader of ``epoch``: "stop", "resign", "suspended", "lost" or "gone"
+        (our lock node vanished)."""
         self._watch_node(election, node)
         if self._client.state != KazooState.CONNECTED:
             return "suspended"
@@ -514,6 +567,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             event = election.events.get()
             if event == "stop":
                 return "stop"
+            if event == f"{_RESIGN}{epoch}":
+                return "resign"
             if event == KazooState.SUSPENDED:
                 return "suspended"
             if event == KazooState.LOST:
@@ -595,7 +650,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 self._revoked_epochs.add(epoch)
         if epoch is not None:
             log.info("peer %s: leadership of epoch %d ends", election.peer_id, epoch)
-            self._dispatch(election.listener.revoke_leadership)
+            _tell(election.listener.revoke_leadership)
 
     def _abdicate(self, election: _Election) -> None:
         """Delete our lock node (the handover) and clear /leader if it still names us."""
@@ -1305,7 +1360,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             self._dispatch(lambda: self._drain(watcher))
 
     def _rearm(self, directory: str) -> None:
-        """Dispatch thread: :meth:`_arm`, tried again later while it fails."""
+        """Upkeep thread: :meth:`_arm`, tried again later while it fails."""
         if self._closed:
             return
         try:
@@ -1315,9 +1370,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             self._rearm_later(directory)
 
     def _rearm_later(self, directory: str) -> None:
-        """Arm (and list) ``directory`` again in ``_RELIST_AFTER``, on the dispatch thread."""
+        """Arm (and list) ``directory`` again in ``_RELIST_AFTER``, on the upkeep thread."""
         rearm = functools.partial(self._rearm, directory)
-        timer = threading.Timer(_RELIST_AFTER, self._dispatch, (rearm,))
+        timer = threading.Timer(_RELIST_AFTER, self._upkeep.put, (rearm,))
         timer.daemon = True
         timer.start()
 
@@ -1740,7 +1795,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         def ensure(_lost: bool) -> None:
             for path in self._paths.top_level():
                 self._wait(self._client.ensure_path_async(path, self._acl))
-            for path in (self._paths.epoch, self._paths.leader):
+            for path in (self._paths.epoch, self._paths.leader, self._paths.scheduler):
                 with contextlib.suppress(NodeExistsError):
                     self._wait(self._client.create_async(path, b"", self._acl))
 
@@ -1783,7 +1838,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         if election is not None:
             election.events.put(state)
         if state == KazooState.CONNECTED:
-            self._dispatch(self._after_reconnection)
+            self._upkeep.put(self._after_reconnection)
         elif state == KazooState.LOST:
             log.warning("ZooKeeper session lost: ephemeral nodes are gone")
         else:
@@ -1791,7 +1846,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return None
 
     def _after_reconnection(self) -> None:
-        """Dispatch thread: after any reconnection, arm the persistent watches again;
+        """Upkeep thread: after any reconnection, arm the persistent watches again;
         in a new session, also re-create this instance's peer records.
 
         Heartbeats are not re-created: the runs claimed in the lost session are
@@ -1824,15 +1879,24 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     def _dispatch(self, call: Callable[[], None]) -> None:
         self._events.put(call)
 
-    def _dispatch_loop(self) -> None:
+    @staticmethod
+    def _dispatch_loop(events: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         while True:
-            call = self._events.get()
+            call = events.get()
             if call is None:
                 return
             try:
                 call()
             except Exception:
                 log.exception("a coordination store callback failed")
+
+
+def _tell(call: Callable[..., None], *args: Any) -> None:
+    """Tell the leadership listener, on the election thread (its methods never block)."""
+    try:
+        call(*args)
+    except Exception:
+        log.exception("the leadership listener failed")
 
 
 def _peer_data(peer: PeerInfo) -> bytes:

@@ -56,6 +56,9 @@ SETTLE_PATIENCE = 300.0
 # executor starts it at its instant. A run assigned further ahead than this (a clock
 # far apart from the leader's) starts at once rather than waiting that long.
 MAX_EARLY = 1.0
+# A claim the store refused (a suspended session refuses at once, without a request) is
+# tried again at most this long after: once the session is back, within this of it.
+CLAIM_RETRY_MAX = 0.25  # seconds
 # A run is claimed at most this long before its instant, so that the claim's write is
 # done when the instant comes. A peer that dies in between leaves the run claimed and
 # never started: it ends "unknown" (or is re-run, when at_least_once), like a run
@@ -299,7 +302,7 @@ class Executor:
                     break
                 if self._stopping or self._clock.wait(self._never, delay) or self._stopping:
                     break  # the runs not claimed stay assigned, for a later start
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, CLAIM_RETRY_MAX)
             with self._lock:
                 for flight in flights:
                     record = claimed.get(flight.record.run_id)

@@ -91,7 +91,7 @@ class Scheduler:
         supported_types: Collection[str],
         retention: timedelta = timedelta(minutes=15),
         retention_count: int | None = 10_000,
-        on_fenced: Callable[[], None] | None = None,
+        on_fenced: Callable[[int], None] | None = None,
     ) -> None:
         self._coordination = coordination
         self._reports = reports
@@ -105,12 +105,17 @@ class Scheduler:
         # runs were recorded since the last one, so the store holds at most 1.5 times that.
         self._retention_count = retention_count
         self._recorded = 0  # runs recorded since the last prune
+        # Told the epoch that was fenced out mid-pass (on this scheduler's thread: it must
+        # only hand the news on, never wait for this thread to end).
         self._on_fenced = on_fenced
+        # When the newest pass of the current term completed (the clock's monotonic time).
+        self._last_pass: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._config_dirty = False
         self._triggers_dirty = True
         self._thread: threading.Thread | None = None
+        self._ending: threading.Thread | None = None  # the thread stop() last ended
         self._epoch = 0
         # Per job: the spec its next slot was computed with, and that next slot.
         self._specs: dict[str, JobSpec] = {}
@@ -131,10 +136,14 @@ class Scheduler:
 
     # -- control (any thread) --------------------------------------------------
     def start(self, epoch: int, thread: bool = True) -> None:
-        """Begin scheduling as the leader of ``epoch`` (``thread=False``: tests call step())."""
+        """Begin scheduling as the leader of ``epoch`` (``thread=False``: tests call step()).
+        RuntimeError while running, or while the thread of the previous term still runs."""
         if self._thread is not None:
             raise RuntimeError("scheduler already running")
+        if self._ending is not None and self._ending.is_alive():
+            raise RuntimeError(f"the scheduler of epoch {self._epoch} has not stopped yet")
         self._epoch = epoch
+        self._last_pass = None
         self._stop.clear()
         self._config_dirty = False
         self._triggers_dirty = True
@@ -146,18 +155,28 @@ class Scheduler:
         self._thread = threading.Thread(target=self._main, name="scheduler", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop scheduling and wait (at most ``timeout`` seconds) for the thread to end;
+        False when it is still running then (``start`` refuses until it has ended)."""
         thread, self._thread = self._thread, None
         if thread is None:
-            return
+            return True
+        self._ending = thread
         self._stop.set()
         self._wake.set()
         if thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
+        return not thread.is_alive() or thread is threading.current_thread()
 
     @property
     def running(self) -> bool:
         return self._thread is not None
+
+    @property
+    def last_pass(self) -> tuple[int, float | None]:
+        """The current term's epoch, and when its newest pass completed (the clock's
+        monotonic seconds; None before the first). A pass that failed does not count."""
+        return self._epoch, self._last_pass
 
     def config_changed(self) -> None:
         self._config_dirty = True
@@ -179,7 +198,7 @@ class Scheduler:
             log.warning("deposed: epoch %d is fenced out; scheduling stops", self._epoch)
             self._stop.set()
             if self._on_fenced is not None:
-                self._on_fenced()
+                self._on_fenced(self._epoch)
         finally:
             self._specs.clear()
             self._next.clear()
@@ -215,6 +234,7 @@ class Scheduler:
             self._dispatch_due()
             self._maybe_reconcile()
             self._maybe_prune()
+            self._last_pass = self._clock.monotonic()
         except FencedOut:
             raise
         except Exception:

@@ -187,6 +187,61 @@ def test_record_runs_without_leadership_is_fenced(
         coordination.record_runs(epoch, [assigned("backup", 0)])
 
 
+def test_resign_hands_leadership_over_and_the_peer_contends_again(
+    coordination: CoordinationStore, listener: Listener
+) -> None:
+    coordination.start_election("p1", listener)
+    old = listener.epoch()
+
+    coordination.resign(old)
+
+    # Alone in the election, the peer wins it again, with a new epoch that fences the old.
+    eventually(lambda: listener.count("revoke") == 1 and listener.count("establish") == 2)
+    new = listener.epoch()
+    assert new > old
+    leader = coordination.leader()
+    assert leader is not None and (leader.peer_id, leader.epoch) == ("p1", new)
+    with pytest.raises(FencedOut):
+        coordination.record_runs(old, [assigned("backup", 0)])
+    coordination.stop_election()
+
+
+def test_resign_of_an_epoch_no_longer_held_does_nothing(
+    coordination: CoordinationStore, listener: Listener
+) -> None:
+    coordination.start_election("p1", listener)
+    old = listener.epoch()
+    coordination.resign(old)
+    eventually(lambda: listener.count("establish") == 2)
+    new = listener.epoch()
+
+    coordination.resign(old)  # stale: the current term goes on
+    assert coordination.record_runs(new, [assigned("backup", 0)]) == [assigned("backup", 0)]
+    assert listener.count("revoke") == 1
+    leader = coordination.leader()
+    assert leader is not None and leader.epoch == new
+    coordination.stop_election()
+
+
+def test_resign_when_not_standing_does_nothing(coordination: CoordinationStore) -> None:
+    coordination.resign(1)
+    assert coordination.leader() is None
+
+
+def test_the_newest_scheduler_pass_published_is_read_back(
+    coordination: CoordinationStore,
+) -> None:
+    from distcrond.coordination.base import SchedulerPass
+
+    assert coordination.scheduler_pass() is None
+    first = SchedulerPass("p1", 3, T0, 5.0)
+    coordination.publish_scheduler_pass(first)
+    eventually(lambda: coordination.scheduler_pass() == first)
+    newer = SchedulerPass("p2", 4, T0 + timedelta(seconds=1.25), 2.5)
+    coordination.publish_scheduler_pass(newer)
+    eventually(lambda: coordination.scheduler_pass() == newer)
+
+
 # -- recording runs ---------------------------------------------------------------
 
 
