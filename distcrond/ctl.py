@@ -7,7 +7,7 @@
     distcronctl trigger ID              run a job now; prints the run id
     distcronctl cluster                 leader, peers, config drift
     distcronctl errors                  job and node files that failed to load
-    distcronctl health                  this peer's stores
+    distcronctl health                  this peer's stores, and whether the cluster schedules
 
 ``--json`` prints the API's answer as it came. Exit status: 0 ok, 1 when the
 API answers an error or cannot be reached, 2 for a usage error. Only the
@@ -343,6 +343,10 @@ def render_health(data: dict[str, Any]) -> str:
         s = stores.get(name, {})
         state = "ok" if s.get("ok") else f"FAILING {s.get('detail', '')}".rstrip()
         pairs.append((name, f"{s.get('backend', '?')} {state}"))
+    scheduler = data.get("scheduler")
+    if scheduler is not None:
+        state = "ok" if scheduler.get("ok") else "STALLED"
+        pairs.append(("scheduler", f"{state}: {scheduler.get('detail', '')}".rstrip(": ")))
     spool = data.get("report_spool")
     if spool is not None:
         age = spool.get("oldest_age_s")

@@ -113,3 +113,41 @@ def test_runs_start_again_within_a_second_after_the_leader_is_paused_for_two_sec
     print(f"runs started again {[round(r, 3) for r in recoveries]} s after SIGCONT")
     assert max(recoveries) < RECOVERY, recoveries
     assert duplicates(ledger) == []
+
+
+def test_every_peers_health_is_503_while_no_leader_schedules_and_200_once_one_does(
+    zk_hosts: str, tmp_path: Path
+) -> None:
+    cluster = Cluster(
+        tmp_path / "cluster",
+        zk_hosts,
+        session_timeout=SESSION,
+        extra_args=["--leader-stall-timeout", "1s"],
+    )
+    try:
+        cluster.write_job("tick", ledger_job(tmp_path / "ledger"))
+        cluster.start()
+        assert_schedules(cluster)
+        old = cluster.leader()
+        cluster.kill9(old)  # no leader until its session expires, 4 s > the stall timeout
+        for peer in cluster.alive():
+            body = wait_for(
+                lambda p=peer: (
+                    (r := requests.get(f"{p.url}/api/v1/health", timeout=5)).status_code == 503
+                    and r.json()
+                ),
+                SESSION,
+                f"{peer.peer_id}'s health to say nothing schedules",
+            )
+            assert body["scheduler"]["ok"] is False and body["stores"]["coordination"]["ok"]
+            metrics = requests.get(f"{peer.url}/metrics", timeout=5).text
+            age = next(
+                float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith("distcron_scheduler_last_pass_age_seconds ")
+            )
+            assert age > 1.0
+        cluster.leader(other_than=old.peer_id, timeout=SESSION + 10)
+        assert_schedules(cluster)
+    finally:
+        cluster.stop()

@@ -367,3 +367,14 @@ def test_health_shows_the_report_spool_when_the_peer_has_one() -> None:
     shown = render_health(body)
     assert "42 waiting, oldest 31s, 0 dead letters; last error: connection refused" in shown
     assert "report spool" not in render_health({**body, "report_spool": None})
+
+
+def test_health_says_whether_the_cluster_schedules() -> None:
+    body = {
+        "status": "degraded",
+        "stores": {},
+        "scheduler": {"ok": False, "detail": "7.5 s since the last pass of epoch 3: over"},
+    }
+    assert "scheduler:    STALLED: 7.5 s since the last pass of epoch 3: over" in render_health(body)
+    body["scheduler"] = {"ok": True, "detail": "0.4 s since the last pass of epoch 3"}
+    assert "scheduler:    ok: 0.4 s since the last pass of epoch 3" in render_health(body)
