@@ -186,12 +186,7 @@ class LeadershipMonitor:
         ):
             at = self._clock.now().timestamp() - (now - last)
             self._coordination.publish_scheduler_pass(
-                SchedulerPass(
-                    self._peer_id,
-                    epoch,
-                    _utc(at),
-                    self._stall_timeout,
-                )
+                SchedulerPass(self._peer_id, epoch, _utc(at), self._stall_timeout, now - last)
             )
             self._published, self._published_at = last, now
 

@@ -105,6 +105,9 @@ class PeerInfo:
 
 @dataclass(frozen=True)
 class LeaderInfo:
+    """The current leader; ``since``: when it took its epoch (ZooKeeper: by the ensemble's
+    clock)."""
+
     peer_id: str
     epoch: int
     since: datetime
@@ -114,13 +117,18 @@ class LeaderInfo:
 class SchedulerPass:
     """The newest completed pass of a leader's scheduler, as the leader published it.
 
-    ``at`` is the leader's wall clock at the end of that pass; ``stall_timeout`` is the
-    leader's ``--leader-stall-timeout``: past it without a pass, the leader abdicates."""
+    ``at`` is when that pass ended: published as the leader's wall clock, read back from
+    ZooKeeper on the ensemble's clock (the write's time less ``published_after``, the
+    seconds from the pass to its publication on the leader's monotonic clock), so that
+    a leader whose wall clock is off does not make every peer misjudge its age.
+    ``stall_timeout`` is the leader's ``--leader-stall-timeout``: past it without a
+    pass, the leader abdicates."""
 
     peer_id: str
     epoch: int
     at: datetime
     stall_timeout: float
+    published_after: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         from distcrond.runs import format_slot
@@ -130,6 +138,7 @@ class SchedulerPass:
             "epoch": self.epoch,
             "at": format_slot(self.at),
             "stall_timeout": self.stall_timeout,
+            "published_after": self.published_after,
         }
 
     @classmethod
@@ -141,6 +150,7 @@ class SchedulerPass:
             epoch=int(data["epoch"]),
             at=parse_slot(data["at"]),
             stall_timeout=float(data["stall_timeout"]),
+            published_after=float(data.get("published_after", 0.0)),
         )
 
 

@@ -37,6 +37,7 @@ there). The essentials:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -47,7 +48,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from operator import methodcaller
 from typing import Any, TypeVar
 
@@ -449,9 +450,15 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             log.warning("could not publish the scheduler's pass: %r", exc)
 
     def scheduler_pass(self) -> SchedulerPass | None:
+        """The pass published last, ``at`` on the ensemble's clock (see SchedulerPass)."""
+
         def read(_lost: bool) -> SchedulerPass | None:
             got = self._get(self._paths.scheduler)
-            return SchedulerPass.from_json(json.loads(got[0])) if got and got[0] else None
+            if got is None or not got[0]:
+                return None
+            status = SchedulerPass.from_json(json.loads(got[0]))
+            at = _server_time(got[1]) - timedelta(seconds=status.published_after)
+            return dataclasses.replace(status, at=at)
 
         return self._retry(read)
 
@@ -471,7 +478,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             if self._wait(self._client.exists_async(data["node"])) is None:
                 return None
             return LeaderInfo(
-                peer_id=data["peer_id"], epoch=int(data["epoch"]), since=parse_slot(data["since"])
+                peer_id=data["peer_id"], epoch=int(data["epoch"]), since=_server_time(got[1])
             )
 
         return self._retry(read)
@@ -1889,6 +1896,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 call()
             except Exception:
                 log.exception("a coordination store callback failed")
+
+
+def _server_time(stat: Any) -> datetime:
+    """When a znode was last written, by the clock of the ensemble's leader server."""
+    return datetime.fromtimestamp(stat.mtime / 1000, UTC)
 
 
 def _tell(call: Callable[..., None], *args: Any) -> None:

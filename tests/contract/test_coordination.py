@@ -234,12 +234,19 @@ def test_the_newest_scheduler_pass_published_is_read_back(
     from distcrond.coordination.base import SchedulerPass
 
     assert coordination.scheduler_pass() is None
-    first = SchedulerPass("p1", 3, T0, 5.0)
-    coordination.publish_scheduler_pass(first)
-    eventually(lambda: coordination.scheduler_pass() == first)
-    newer = SchedulerPass("p2", 4, T0 + timedelta(seconds=1.25), 2.5)
-    coordination.publish_scheduler_pass(newer)
-    eventually(lambda: coordination.scheduler_pass() == newer)
+    for peer_id, epoch, after in (("p1", 3, 0.25), ("p2", 4, 0.5)):
+        ended = datetime.now(UTC) - timedelta(seconds=after)  # the pass ended this long ago
+        coordination.publish_scheduler_pass(SchedulerPass(peer_id, epoch, ended, 2.5, after))
+
+        def read_back(p: str = peer_id) -> bool:
+            got = coordination.scheduler_pass()
+            return got is not None and got.peer_id == p
+
+        eventually(read_back)
+        got = coordination.scheduler_pass()
+        assert got is not None and (got.epoch, got.stall_timeout) == (epoch, 2.5)
+        # On the store's clock (ZooKeeper: the ensemble's, here on this machine's).
+        assert abs((got.at - ended).total_seconds()) < 1.0
 
 
 # -- recording runs ---------------------------------------------------------------
