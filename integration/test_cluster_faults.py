@@ -115,6 +115,28 @@ def test_runs_start_again_within_a_second_after_the_leader_is_paused_for_two_sec
     assert duplicates(ledger) == []
 
 
+def test_runs_start_again_within_a_second_of_zookeeper_regaining_its_quorum(
+    busy: tuple[Cluster, Path], zk_ensemble: Ensemble
+) -> None:
+    cluster, ledger = busy
+    lost = [n for n in zk_ensemble.ids if n != zookeeper_leader(zk_ensemble)]
+    for n in lost:  # both followers: the leader server alone has no quorum
+        zk_ensemble.kill_server(n)
+    stopped_at = time.time()
+    time.sleep(SESSION + 2)  # the fault itself: no quorum for longer than the session
+    for n in lost:
+        zk_ensemble.start_server(n)
+    zk_ensemble.wait_quorum()
+    serving_at = time.time()
+
+    line = wait_scheduled_run(ledger, stopped_at, serving_at, timeout=SESSION + 30)
+    recovery = float(line[2]) - serving_at
+    print(f"runs started again {recovery:.3f} s after the quorum came back")
+    assert recovery < RECOVERY
+    assert_schedules(cluster)
+    assert duplicates(ledger) == []
+
+
 def test_every_peers_health_is_503_while_no_leader_schedules_and_200_once_one_does(
     zk_hosts: str, tmp_path: Path
 ) -> None:
