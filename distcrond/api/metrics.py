@@ -48,58 +48,65 @@ class _PeerCollector(Collector):
         yield up
 
         if statuses["coordination"].ok:
-            try:
-                leader = ctx.leader()
-                active = len(ctx.coordination.runs(states=ACTIVE_STATES))
-                scheduler = scheduler_health(ctx, leader)
-            except StoreUnavailable:
-                pass
-            else:
-                if scheduler.age is not None:
-                    yield GaugeMetricFamily(
-                        "distcron_scheduler_last_pass_age_seconds",
-                        "Seconds since the leader's newest completed scheduler pass (since it "
-                        "took over, before its first; with no leader, since the last one's).",
-                        value=scheduler.age,
-                    )
-                yield GaugeMetricFamily(
-                    "distcron_scheduler_stall_timeout_seconds",
-                    "The leader's --leader-stall-timeout: past it without a pass, it resigns.",
-                    value=scheduler.stall_timeout,
-                )
-                yield GaugeMetricFamily(
-                    "distcron_is_leader",
-                    "1 when this peer is the leader.",
-                    value=1 if leader is not None and leader.peer_id == ctx.peer_id else 0,
-                )
-                yield GaugeMetricFamily(
-                    "distcron_active_runs",
-                    "Runs assigned or running in the whole cluster.",
-                    value=active,
-                )
+            yield from self._cluster()
+        yield from self._spool()
 
-        spool = ctx.spool()
-        if spool is not None:
+    def _cluster(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges read from the coordination store (none when it fails mid-scrape)."""
+        ctx = self.ctx
+        try:
+            leader = ctx.leader()
+            active = len(ctx.coordination.runs(states=ACTIVE_STATES))
+            scheduler = scheduler_health(ctx, leader)
+        except StoreUnavailable:
+            return
+        if scheduler.age is not None:
             yield GaugeMetricFamily(
-                "distcron_report_spool_reports",
-                "Reports waiting in this peer's spool for Elasticsearch.",
-                value=spool.reports,
+                "distcron_scheduler_last_pass_age_seconds",
+                "Seconds since the leader's newest completed scheduler pass (since it "
+                "took over, before its first; with no leader, since the last one's).",
+                value=scheduler.age,
             )
-            yield GaugeMetricFamily(
-                "distcron_report_spool_bytes",
-                "Bytes of spool files waiting for Elasticsearch.",
-                value=spool.bytes,
-            )
-            yield GaugeMetricFamily(
-                "distcron_report_spool_oldest_age_seconds",
-                "Age of the oldest waiting report (0 when none waits).",
-                value=spool.oldest_age_s or 0.0,
-            )
-            yield GaugeMetricFamily(
-                "distcron_report_spool_dead_letters",
-                "Reports Elasticsearch refused for good, kept in the spool's dead-letter file.",
-                value=spool.dead_letters,
-            )
+        yield GaugeMetricFamily(
+            "distcron_scheduler_stall_timeout_seconds",
+            "The leader's --leader-stall-timeout: past it without a pass, it resigns.",
+            value=scheduler.stall_timeout,
+        )
+        yield GaugeMetricFamily(
+            "distcron_is_leader",
+            "1 when this peer is the leader.",
+            value=1 if leader is not None and leader.peer_id == ctx.peer_id else 0,
+        )
+        yield GaugeMetricFamily(
+            "distcron_active_runs",
+            "Runs assigned or running in the whole cluster.",
+            value=active,
+        )
+
+    def _spool(self) -> Iterator[GaugeMetricFamily]:
+        spool = self.ctx.spool()
+        if spool is None:
+            return
+        yield GaugeMetricFamily(
+            "distcron_report_spool_reports",
+            "Reports waiting in this peer's spool for Elasticsearch.",
+            value=spool.reports,
+        )
+        yield GaugeMetricFamily(
+            "distcron_report_spool_bytes",
+            "Bytes of spool files waiting for Elasticsearch.",
+            value=spool.bytes,
+        )
+        yield GaugeMetricFamily(
+            "distcron_report_spool_oldest_age_seconds",
+            "Age of the oldest waiting report (0 when none waits).",
+            value=spool.oldest_age_s or 0.0,
+        )
+        yield GaugeMetricFamily(
+            "distcron_report_spool_dead_letters",
+            "Reports Elasticsearch refused for good, kept in the spool's dead-letter file.",
+            value=spool.dead_letters,
+        )
 
 
 class Metrics:
