@@ -138,10 +138,11 @@ _RELIST_AFTER = 1.0  # seconds
 # A persistent watch's first event waits this long for the others of its transaction.
 _DRAIN_GATHER = 0.002  # seconds
 # Reconnection attempts (each a round over every server): when the ensemble's leader dies,
-# the others drop every client and re-elect in ~0.2 s; kazoo's default backoff (0.1 s,
-# doubling) then reconnected the peers 0.4-0.7 s after the loss, this within ~0.2 s of the
-# ensemble serving again. A few dozen connection attempts a second are nothing to it.
-_CONNECTION_RETRY = {"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 0.2}
+# the others drop every client and re-elect (0.2-0.6 s); kazoo's default backoff (0.1 s,
+# doubling, and up to 1 s here before) reconnected the peers 0.4-0.7 s after the loss; this
+# one tries again every ~0.1 s (±40% jitter), so a peer is back within ~0.1 s of a server
+# serving again. A handful of refused connections a second costs the ensemble nothing.
+_CONNECTION_RETRY = {"max_tries": -1, "delay": 0.02, "backoff": 1.5, "max_delay": 0.1}
 # An election event "resign:<epoch>": give that epoch's leadership up (``resign``).
 _RESIGN = "resign:"
 
