@@ -375,6 +375,8 @@ def test_health_says_whether_the_cluster_schedules() -> None:
         "stores": {},
         "scheduler": {"ok": False, "detail": "7.5 s since the last pass of epoch 3: over"},
     }
-    assert "scheduler:    STALLED: 7.5 s since the last pass of epoch 3: over" in render_health(body)
+    assert "scheduler:    STALLED: 7.5 s since the last pass of epoch 3: over" in render_health(
+        body
+    )
     body["scheduler"] = {"ok": True, "detail": "0.4 s since the last pass of epoch 3"}
     assert "scheduler:    ok: 0.4 s since the last pass of epoch 3" in render_health(body)

@@ -48,6 +48,11 @@ MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 # One concurrent GC thread each: three JVMs share a small machine with the peers.
 HEAP = ("-Xms256m", "-Xmx256m")
 GC = ("-XX:+UseZGC", "-XX:ConcGCThreads=1")
+# A leader election waits for the others' votes 200 ms, then 400, 800... (doubling from
+# finalizeWait): a vote lost while the election connections are re-made (seen in a
+# rolling restart) made elections take 0.8-0.9 s instead of 0.2. Starting at 50 ms, such
+# an election ends ~0.4 s sooner; a distcrond cluster is idle for the whole election.
+ELECTION = ("-Dzookeeper.fastleader.minNotificationInterval=50",)
 DEFAULT_BASE_PORT = 2181
 PEER_PORT_BASE = 2888
 ELECTION_PORT_BASE = 3888
@@ -282,6 +287,7 @@ class Ensemble:
             self._java,
             *HEAP,
             *GC,
+            *ELECTION,
             # Quoted: a path may hold a colon, -Xlog's separator.
             f'-Xlog:gc,gc+init,gc+phases:file="{self.gc_log_file(n)}":time,uptime,tags'
             ":filecount=2,filesize=5m",
