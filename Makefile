@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 BIND ?= 127.0.0.1:8080
 STATE_DIR ?= var/state
 PYTEST_ARGS ?=
+CHAOS_SECONDS ?= 90
+CHAOS_SEED ?= 1
 
-.PHONY: run test unit integration lint typecheck bench check-config clean venv services services-stop cluster
+.PHONY: run test unit integration lint typecheck bench chaos check-config clean venv services services-stop cluster
 
 venv: $(STAMP)
 
@@ -57,6 +59,12 @@ bench: venv
 	BENCH_OUT=$${BENCH_OUT:+$${BENCH_OUT%.json}-es.json} \
 		$(BIN)/python -m integration.bench.es || status=$$?; \
 	exit $$status
+
+## chaos: the chaos suite (integration/chaos/): three peers on their own ZooKeeper ensemble,
+##   Elasticsearch and sshd hosts, about 30 one-second jobs, random faults (CHAOS_SEED) for
+##   CHAOS_SECONDS; prints a table per fault kind and the invariants, fails on any violation
+chaos: venv
+	$(BIN)/python -m integration.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED)
 
 ## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package) and a
 ##   single-node Elasticsearch on 127.0.0.1:9200 (Maven Central's integ-test-zip, through mvn)
