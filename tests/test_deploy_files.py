@@ -51,3 +51,40 @@ def test_the_single_peer_unit_runs_with_the_original_directories() -> None:
         Path("/etc/distcron/jobs.d"),
         Path("/etc/distcron/nodes.d"),
     )
+
+
+def test_a_zookeeper_server_starts_once_its_port_is_released_by_the_one_just_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos suite's rolling restart found a stopped server's client port unbindable
+    for a moment after the server was gone: starting it again failed at once."""
+    import socket
+    import subprocess
+    import threading
+
+    from deploy.services import zookeeper
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    ensemble = zookeeper.Ensemble(tmp_path, servers=1, base_port=port)
+    ensemble.server_dir(1).mkdir(parents=True)
+    spawned: list[list[str]] = []
+
+    class FakePopen:
+        pid = 4_000_000  # no such process
+
+        def __init__(self, cmd: list[str], **_: object) -> None:
+            spawned.append(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(ensemble, "_java", "/usr/bin/java")
+    timer = threading.Timer(0.3, holder.close)
+    timer.start()
+    try:
+        ensemble.start_server(1)
+    finally:
+        timer.cancel()
+        holder.close()
+    assert len(spawned) == 1 and spawned[0][0] == "/usr/bin/java"

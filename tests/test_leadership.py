@@ -160,8 +160,12 @@ def test_a_fenced_out_term_ends_without_a_revoke_and_a_stale_fence_ends_nothing(
     epoch = peer.elect()
     peer.store.fence_next.set()
     peer.store.release.set()
-    wait_for(lambda: peer.monitor.epoch is None, 5, "the fenced-out term to end")
-    assert not peer.scheduler.running
+    # The term ends (epoch None) first, then its scheduler is stopped (joined).
+    wait_for(
+        lambda: peer.monitor.epoch is None and not peer.scheduler.running,
+        5,
+        "the fenced-out term to end and its scheduler to stop",
+    )
 
     peer.store.resign(epoch)  # the store's next epoch
     peer.wait_pass(epoch + 1)

@@ -372,6 +372,46 @@ def test_a_run_assigned_to_a_peer_that_is_gone_moves_to_a_live_peer(h: Harness) 
     assert moved == record.replace(peer_id="p1")
 
 
+def test_a_live_peer_that_leaves_a_due_run_unstarted_loses_it_and_gets_no_new_runs_a_while(
+    h: Harness,
+) -> None:
+    """The chaos suite's follower pause: a stopped peer keeps its session (so its place among
+    the live peers) for seconds, its runs waited, and the next slots of their jobs were
+    skipped, until the whole cluster ran nearly nothing."""
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}), make_job("beat", concurrency="allow"))
+    epoch = h.lead()
+    stuck = orphan(h, epoch, "tick", "stuck")
+
+    def at(second: float) -> None:  # p1's executor claims its due runs at once
+        h.at(second)
+        for r in h.records(states={RunState.ASSIGNED}):
+            if r.peer_id == "p1" and r.slot <= h.clock.now():
+                h.coordination.claim_run(r.run_id, "p1", h.clock.now())
+
+    at(0.5)
+    assert h.coordination.get_run(stuck.run_id) == stuck  # not overdue yet: left alone
+    at(1.6)  # a reconciliation: the run was due 1.6 s ago and "stuck" is live but idle
+    moved = h.coordination.get_run(stuck.run_id)
+    assert moved is not None and moved.peer_id == "p1" and moved.state is RunState.RUNNING
+    assert h.coordination.claim_run(stuck.run_id, "stuck", T0) is None  # its late claim fails
+    for second in (2.0, 3.0, 4.0, 5.0, 6.0):
+        at(second)
+    beats = h.records(job_id="beat")
+    placed = {r.run_id: r.peer_id for r in beats if r.slot >= T0 + timedelta(seconds=2)}
+    assert len(placed) >= 4 and set(placed.values()) == {"p1"}  # no new runs for "stuck"
+    for second in (6.7, 7.0, 8.0, 9.0):  # the hold (5 s from 1.6) is over
+        at(second)
+    later = [r for r in h.records(job_id="beat") if r.slot > T0 + timedelta(seconds=6.7)]
+    assert "stuck" in {r.peer_id for r in later}
+
+
+def test_a_run_overdue_on_the_only_live_peer_stays_where_it_is(h: Harness) -> None:
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    record = orphan(h, h.lead(), "tick", "p1")
+    h.at(2.5)
+    assert h.coordination.get_run(record.run_id) == record  # nowhere better to go
+
+
 def test_reconciliation_reads_only_the_records_of_active_runs_without_a_heartbeat(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

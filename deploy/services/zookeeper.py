@@ -31,6 +31,9 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 
 from deploy.services.common import apt_install, pid_alive, port_is_free, wait_until
 
+# How long a server's client port may stay taken after the server stopped.
+PORT_RELEASE_S = 5.0
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / "var" / "services" / "zookeeper"
 PACKAGE = "zookeeper"
@@ -278,7 +281,9 @@ class Ensemble:
         if self.pid(n) is not None:
             return
         port = self.client_port(n)
-        if not port_is_free(port):
+        # A server just stopped leaves its port unbindable for a moment (seen in the chaos
+        # suite's rolling restart: its clients' sockets outlive it, briefly): wait a little.
+        if not wait_until(lambda: port_is_free(port), PORT_RELEASE_S, interval=0.05):
             raise EnsembleError(f"client port {port} for server {n} is taken by another process")
         if self._java is None:
             self._java = shutil.which("java") or install()

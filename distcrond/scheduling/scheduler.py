@@ -14,7 +14,9 @@ leadership starts) follow each job's ``misfire`` policy.
 The leader also settles the runs of peers that are gone (every second, and
 when it takes over): a run assigned to a peer that is no longer live moves to
 a live one (it never started), and a run whose executing peer lost it (no
-heartbeat) is settled by :mod:`distcrond.recovery`.
+heartbeat) is settled by :mod:`distcrond.recovery`. A live peer that leaves a
+due run unclaimed is suspected of being stopped or cut off: its overdue runs
+move, and it gets no new ones for a while (:mod:`distcrond.scheduling.suspects`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from distcrond.reporting.base import ReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
 from distcrond.scheduling.placement import executing_peer, place
 from distcrond.scheduling.schedules import NoSlotError, next_slot, slots_between
+from distcrond.scheduling.suspects import HOLD_S, OVERDUE, SuspectPeers, overdue
 
 log = logging.getLogger("distcrond.scheduler")
 
@@ -130,6 +133,7 @@ class Scheduler:
         # store's index every pass and wholesale at each reconciliation).
         self._active: dict[str, RunRecord] = {}
         self._view: tuple[float, list[str], set[str]] | None = None
+        self._suspects = SuspectPeers(clock)
         self._threaded = False
         self._pruner: threading.Thread | None = None
         self._bootstrapped = False
@@ -342,6 +346,7 @@ class Scheduler:
         for run in active:
             by_job[run.job_id].append(run)
         live_peers, unhealthy = self._cluster_view()
+        live_peers = self._suspects.eligible(live_peers)
         return _Batch(
             now=now,
             nodes_load=Counter(r.node_id for r in active if r.node_id),
@@ -571,19 +576,20 @@ class Scheduler:
         case: a few, recorded ahead of their slot), or their peer was lost."""
         ids = self._coordination.active_run_ids()
         heartbeats = self._coordination.executing_runs()
-        suspects = ids - heartbeats
+        unconfirmed = ids - heartbeats
         for run_id in self._active.keys() - ids:
             del self._active[run_id]
         for run_id in heartbeats & self._active.keys():  # a heartbeat says it is running
             if (known := self._active[run_id]).state is RunState.ASSIGNED:
                 self._active[run_id] = known.replace(state=RunState.RUNNING)
-        if not suspects:
+        if not unconfirmed:
             return
-        records = self._coordination.get_runs(sorted(suspects))
+        records = self._coordination.get_runs(sorted(unconfirmed))
         self._remember(records)
         live = [p.peer_id for p in self._coordination.peers()]
         # Read after the records: a run seen running and not executing has lost its peer.
         executing = self._coordination.executing_runs()
+        self._move_overdue(records, live, now)
         load = Counter(r.peer_id for r in self._active.values() if r.peer_id)
         nodes = self._config().nodes
         for record in records:
@@ -610,20 +616,57 @@ class Scheduler:
                 if settled is not None:
                     self._remember([settled])
 
-    def _reassign(self, record: RunRecord, target: str | None, now: datetime) -> None:
-        """A run assigned to a peer that is gone before it started it: move it, or fail it."""
+    def _move_overdue(self, records: list[RunRecord], live: list[str], now: datetime) -> None:
+        """Suspect the live peers that hold overdue runs (see suspects.py), and move those
+        runs to a peer that is not suspected (they stay where they are if every peer is
+        suspected). Updates ``records`` in place with the moved runs."""
+        late = [r for r in records if r.peer_id in live and overdue(r, now)]
+        if not late:
+            return
+        for peer in self._suspects.suspect({r.peer_id for r in late if r.peer_id}):
+            log.warning(
+                "peer %s has not started runs that were due over %.0f s ago: suspected of "
+                "being stopped or cut off; it gets no runs for %.0f s",
+                peer,
+                OVERDUE.total_seconds(),
+                HOLD_S,
+            )
+        late_ids = {r.run_id for r in late}
+        eligible = self._suspects.unsuspected(live)
+        if not eligible:
+            return
+        load = Counter(r.peer_id for r in self._active.values() if r.peer_id)
+        nodes = self._config().nodes
+        for i, record in enumerate(records):
+            node = nodes.get(record.node_id or "")
+            if record.run_id not in late_ids or node is None:
+                continue
+            target = executing_peer(node, record.run_id, eligible, load)
+            if target is None or target == record.peer_id:
+                continue
+            moved = self._reassign(record, target, now, why="has not started it")
+            if moved is not None:
+                records[i] = moved
+                load[target] += 1
+
+    def _reassign(
+        self, record: RunRecord, target: str | None, now: datetime, why: str = "is gone"
+    ) -> RunRecord | None:
+        """A run assigned to a peer that is gone (or has not started it) before it started it:
+        move it, or fail it; the record moved (None if it was not, or failed)."""
         expect = {"state": RunState.ASSIGNED, "peer_id": record.peer_id}
         if target is not None:
             moved = self._coordination.update_run(record.run_id, expect=expect, peer_id=target)
             if moved is not None:
                 self._remember([moved])
                 log.warning(
-                    "run %s: peer %s is gone; reassigned to %s",
+                    "run %s: peer %s %s; reassigned to %s",
                     record.run_id,
                     record.peer_id,
+                    why,
                     target,
                 )
-            return
+            return moved
         reason = f"peer {record.peer_id} is gone and no live peer can execute node {record.node_id}"
         failed = self._coordination.finish_run(
             record.run_id, RunState.FAILED, ended_at=now, reason=reason, expect=expect
@@ -633,6 +676,7 @@ class Scheduler:
         if failed is not None and failed.state is RunState.FAILED and failed.reason == reason:
             self._reports.write([RunReport.from_record(failed)])
             log.warning("run %s: failed (%s)", record.run_id, reason)
+        return None
 
     def _maybe_prune(self) -> None:
         now = self._clock.now()
