@@ -8,6 +8,7 @@ Every flag can also be set by an environment variable named in its help
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -84,6 +85,16 @@ def _es_index_prefix(value: str) -> str:
 
 def _flag_env(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_pattern(value: str) -> str:
+    """A --scrub-env NAME: a variable name or an fnmatch glob of names (``AWS_*``)."""
+    value = value.strip()
+    if not value or "=" in value or "," in value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an environment variable name or a glob like AWS_*"
+        )
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +291,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not verify Elasticsearch's TLS certificate (env DISTCRON_ES_INSECURE=1)",
     )
     p.add_argument(
+        "--scrub-env",
+        dest="scrub_env",
+        action="append",
+        type=_env_pattern,
+        default=None,
+        metavar="NAME",
+        help="leave this variable of the daemon out of every run's environment, beyond the "
+        "daemon's own secrets; a glob like 'AWS_*' (case-sensitive); repeatable "
+        "(env DISTCRON_SCRUB_ENV, comma-separated)",
+    )
+    p.add_argument(
+        "--api-tokens",
+        type=Path,
+        default=_env("API_TOKENS"),
+        metavar="FILE",
+        help='the API tokens file, {"tokens": [{"name", "role", "sha256"}]}: every '
+        "request but the liveness check then needs 'Authorization: Bearer <token>'; reloaded "
+        "when it changes (env DISTCRON_API_TOKENS; distcronctl token new makes a token)",
+    )
+    p.add_argument(
+        "--api-insecure",
+        action="store_true",
+        default=_flag_env("API_INSECURE"),
+        help="serve the API without tokens on a --bind that is not loopback, open to anyone "
+        "who can reach it (env DISTCRON_API_INSECURE=1; warned about at every start)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate the job and node files, print any errors, and exit (1 if any)",
@@ -289,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     es_urls = list(args.es_urls or [u for u in (_env("ES_URL") or "").split(",") if u])
+    scrub_env = args.scrub_env or [n.strip() for n in (_env("SCRUB_ENV") or "").split(",")]
     if args.es_host:
         es_urls.append(f"http://{args.es_host}:{args.es_port}")
     return Settings(
@@ -317,14 +356,51 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         run_retention_seconds=args.run_retention,
         run_retention_count=args.run_retention_count,
         shutdown_grace=args.shutdown_grace,
+        api_tokens=args.api_tokens or None,
+        api_insecure=args.api_insecure,
+        scrub_env=tuple(n for n in scrub_env if n),
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a --bind host is a loopback address (a name other than localhost is not)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_exposure(settings: Settings) -> str | None:
+    """Why this peer must not start with its API as configured (None: it may), after
+    warning about an API that is open to its host or, with --api-insecure, to everyone."""
+    if settings.api_tokens is not None:
+        return None
+    host, _, _ = settings.bind.rpartition(":")
+    if settings.api_insecure:
+        log.warning(
+            "--api-insecure: the API on %s is open to anyone who can reach it, with no token",
+            settings.bind,
+        )
+        return None
+    if not is_loopback(host):
+        return (
+            f"refusing to serve the API on {settings.bind} without --api-tokens: anyone who can "
+            "reach it could trigger any job and read every run's output. Give --api-tokens FILE "
+            "(distcronctl token new makes a token), bind a loopback address, or pass "
+            "--api-insecure to accept that"
+        )
+    log.warning("the API on %s has no --api-tokens: anyone on this host may use it", settings.bind)
+    return None
 
 
 def check(settings: Settings) -> int:
     """--check: validate the files like the daemon would; errors on stdout, one per line."""
     from distcrond.config.loader import ConfigRegistry
 
-    config = ConfigRegistry(settings.jobs_dir, settings.nodes_dir).reload()
+    config = ConfigRegistry(settings.jobs_dir, settings.nodes_dir, settings.api_tokens).reload()
     for e in config.errors:
         print(f"{e.file}: {e.field or '(file)'}: {e.reason}")
     print(f"{len(config.jobs)} jobs, {len(config.nodes)} nodes, {len(config.errors)} errors")
@@ -337,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.check:
         return check(settings)
+    refusal = api_exposure(settings)
+    if refusal:
+        log.error("%s", refusal)
+        return 2
 
     from distcrond.api_process import APIStartError
     from distcrond.coordination.base import StoreUnavailable

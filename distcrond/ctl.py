@@ -8,6 +8,10 @@
     distcronctl cluster                 leader, peers, config drift
     distcronctl errors                  job and node files that failed to load
     distcronctl health                  this peer's stores, and whether the cluster schedules
+    distcronctl token new NAME --role R a new API token, and its entry for the tokens file
+
+A peer started with ``--api-tokens`` wants a token: ``--token-file FILE``, or
+``DISTCRON_TOKEN`` (``--token`` works too, but shows in ps).
 
 ``--json`` prints the API's answer as it came. Exit status: 0 ok, 1 when the
 API answers an error or cannot be reached, 2 for a usage error. Only the
@@ -17,8 +21,11 @@ standard library is used, so the tool runs wherever Python does.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 import urllib.error
 import urllib.parse
@@ -54,11 +61,13 @@ def _decode(raw: bytes) -> Any:
         return None
 
 
-def urllib_transport(timeout: float) -> Transport:
-    """The real HTTP transport (urllib, no dependencies)."""
+def urllib_transport(timeout: float, token: str | None = None) -> Transport:
+    """The real HTTP transport (urllib, no dependencies), sending ``token`` if given."""
 
     def send(method: str, url: str, body: bytes | None) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         if body is not None:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -410,6 +419,48 @@ def cmd_health(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[
     return client.request("GET", f"{API}/health", also_ok=(503,)), render_health
 
 
+TOKEN_ROLES = ("read", "operate", "admin")
+
+
+def cmd_token_new(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+    # Made here, not asked of a peer: the token never crosses the network. The same recipe
+    # as distcrond.config.tokens (which this standard-library-only tool does not import).
+    token = secrets.token_urlsafe(32)
+    entry = {"name": args.name, "role": args.role, "sha256": _sha256(token)}
+    return {"token": token, "entry": entry}, render_token
+
+
+def _token_name(text: str) -> str:
+    # distcrond.config.tokens.TOKEN_NAME_PATTERN
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", text):
+        raise argparse.ArgumentTypeError(
+            "a letter or digit, then letters, digits, '.', '_', '@' or '-' (at most 64)"
+        )
+    return text
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def render_token(data: dict[str, Any]) -> str:
+    return (
+        f"token (shown this once; give it to {data['entry']['name']}, keep it secret):\n"
+        f"  {data['token']}\n"
+        'add this entry to the peers\' --api-tokens file (its "tokens" list):\n'
+        f"  {json.dumps(data['entry'])}"
+    )
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """The token to send: --token-file, else --token, else $DISTCRON_TOKEN (None: none)."""
+    path = getattr(args, "token_file", None)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    return getattr(args, "token", None) or os.environ.get("DISTCRON_TOKEN") or None
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -434,6 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=argparse.SUPPRESS,
         help="seconds to wait for the API (default 10)",
+    )
+    common.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help="the API token (default: $DISTCRON_TOKEN); shows in ps, prefer --token-file",
+    )
+    common.add_argument(
+        "--token-file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="read the API token from FILE",
     )
     parser = argparse.ArgumentParser(
         prog="distcronctl",
@@ -468,6 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("cluster", cmd_cluster, "show the leader, the peers and config drift")
     add("errors", cmd_errors, "show job and node files that failed to load")
     add("health", cmd_health, "show whether the peer's stores answer")
+    token = commands.add_parser("token", help="API tokens", description="API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    new = token_commands.add_parser(
+        "new",
+        help="make a new random token; prints it once, and its entry for the tokens file",
+        parents=[common],
+    )
+    new.set_defaults(func=cmd_token_new)
+    new.add_argument("name", type=_token_name, help="who holds it (shown in the audit log)")
+    new.add_argument("--role", choices=TOKEN_ROLES, required=True, help="what it may do")
     return parser
 
 
@@ -479,14 +551,22 @@ def main(argv: Sequence[str] | None = None, transport: Transport | None = None) 
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     url = getattr(args, "url", None) or os.environ.get("DISTCRON_URL") or DEFAULT_URL
     as_json = getattr(args, "json", False)
-    client = Client(url, transport or urllib_transport(getattr(args, "timeout", 10.0)))
+    try:
+        token = read_token(args)
+    except OSError as exc:
+        print(f"distcronctl: cannot read the token file: {exc}", file=sys.stderr)
+        return 1
+    client = Client(url, transport or urllib_transport(getattr(args, "timeout", 10.0), token))
     try:
         data, render = args.func(client, args)
     except Unreachable as exc:
         print(f"distcronctl: cannot reach the distcrond API at {url}: {exc}", file=sys.stderr)
         return 1
     except APIError as exc:
-        print(f"distcronctl: {exc.title} ({exc.status}): {exc.description}", file=sys.stderr)
+        hint = ""
+        if exc.status == 401:
+            hint = " (give a token: --token-file FILE or $DISTCRON_TOKEN)"
+        print(f"distcronctl: {exc.title} ({exc.status}): {exc.description}{hint}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if as_json else render(data))
     if args.command == "health" and isinstance(data, dict) and data.get("status") != "ok":

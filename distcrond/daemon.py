@@ -20,12 +20,14 @@ from contextlib import ExitStack
 from types import FrameType
 
 from distcrond import __version__
-from distcrond.api_process import APIProcess
+from distcrond.api_process import APIProcess, APIStartError
 from distcrond.clock import Clock
 from distcrond.config.loader import ConfigRegistry, LoadedConfig
+from distcrond.config.tokens import TokenTable, write_table
 from distcrond.config.watcher import ConfigWatcher
 from distcrond.coordination.base import ConfigSnapshot, CoordinationStore, PeerInfo
 from distcrond.execution.base import Runner
+from distcrond.execution.environment import RunEnvironment
 from distcrond.execution.executor import Executor
 from distcrond.execution.health import NodeHealthTracker
 from distcrond.execution.local import LocalRunner
@@ -80,8 +82,9 @@ class Daemon:
         self._stop = threading.Event()
         self._started_at = self.clock.now()
         self._coordination: CoordinationStore | None = None
-        self._registry = ConfigRegistry(settings.jobs_dir, settings.nodes_dir)
+        self._registry = ConfigRegistry(settings.jobs_dir, settings.nodes_dir, settings.api_tokens)
         self._scheduler: Scheduler | None = None
+        self._tokens_written: TokenTable | None = None
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
@@ -117,8 +120,14 @@ class Daemon:
                     "config error in %s: %s: %s", error.file, error.field or "-", error.reason
                 )
             log.info("loaded %d jobs and %d nodes", len(config.jobs), len(config.nodes))
+            self._write_tokens(config)
 
-            local = LocalRunner(clock=self.clock)
+            # Runs never see the daemon's secrets; the nodes' passphrase variables are those
+            # of the config in force (a cheap lookup: RunEnvironment caches per config).
+            environment = RunEnvironment(
+                patterns=s.scrub_env, nodes=lambda: self._registry.current.nodes
+            )
+            local = LocalRunner(clock=self.clock, environment=environment)
             stack.callback(local.close)
             ssh = SSHRunner(clock=self.clock, learned_hosts=s.state_dir / "ssh_known_hosts")
             stack.callback(ssh.close)
@@ -207,8 +216,25 @@ class Daemon:
             len(config.errors),
         )
         self._publish(config)
+        self._write_tokens(config)
         if self._scheduler is not None:
             self._scheduler.config_changed()
+
+    def _write_tokens(self, config: LoadedConfig) -> None:
+        """Hand the tokens in force to the API's workers (they re-read the file on change).
+        At start, a tokens file that is not usable stops the peer: there is no last good
+        table, and an API that lets nobody in (or everybody) is not what was asked for."""
+        s = self.settings
+        if s.api_tokens is None:
+            return
+        if config.tokens is None:  # only at start: later, the last good table stays
+            reasons = "; ".join(str(e) for e in config.errors if e.file == str(s.api_tokens))
+            raise APIStartError(f"cannot use the API tokens file (--api-tokens): {reasons}")
+        if config.tokens == self._tokens_written:
+            return
+        write_table(config.tokens, s.api_tokens_table)
+        self._tokens_written = config.tokens
+        log.info("API tokens in force: %d (%s)", len(config.tokens.entries), s.api_tokens)
 
     def _publish(self, config: LoadedConfig) -> None:
         assert self._coordination is not None

@@ -15,6 +15,17 @@ ES_API_KEY_ENV = "DISTCRON_ES_API_KEY"
 # Settings that are secrets: never in to_json (the API process gets that on argv, which ps
 # shows); the daemon hands them to its API process through these environment variables.
 SECRET_ENV = {"zk_auth": ZK_AUTH_ENV, "es_password": ES_PASSWORD_ENV, "es_api_key": ES_API_KEY_ENV}
+SMTP_PASSWORD_ENV = "DISTCRON_SMTP_PASSWORD"
+TOKEN_ENV = "DISTCRON_TOKEN"
+# Every environment variable that holds a secret of the daemon: no run ever gets one of
+# them (see distcrond/execution/environment.py). A new secret's variable joins this tuple.
+SECRET_ENV_NAMES: tuple[str, ...] = (
+    ZK_AUTH_ENV,
+    ES_PASSWORD_ENV,
+    ES_API_KEY_ENV,
+    SMTP_PASSWORD_ENV,
+    TOKEN_ENV,
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,13 @@ class Settings:
     run_retention_count: int = 10_000
     # On SIGTERM, running runs get this long to finish before they are stopped.
     shutdown_grace: float = 10.0
+    # Names (fnmatch globs, case-sensitive) left out of every run's environment, beyond
+    # SECRET_ENV_NAMES and the nodes' ssh_key_passphrase_env.
+    scrub_env: tuple[str, ...] = ()
+    # The API tokens file (see distcrond/config/tokens.py); None: the API is open, which the
+    # daemon allows on a loopback --bind only, unless api_insecure.
+    api_tokens: Path | None = None
+    api_insecure: bool = False
 
     @property
     def coordination_db(self) -> Path:
@@ -66,6 +84,11 @@ class Settings:
     def spool_dir(self) -> Path:
         """Where reports wait for Elasticsearch (see distcrond/reporting/spool.py)."""
         return self.state_dir / "report-spool"
+
+    @property
+    def api_tokens_table(self) -> Path:
+        """Where the daemon keeps the last good tokens table for its API workers."""
+        return self.state_dir / "api-tokens.json"
 
     def secret_env(self) -> dict[str, str]:
         """The secrets that are set, as the environment variables that carry them."""
@@ -116,6 +139,9 @@ class Settings:
             "run_retention_seconds": self.run_retention_seconds,
             "run_retention_count": self.run_retention_count,
             "shutdown_grace": self.shutdown_grace,
+            "scrub_env": list(self.scrub_env),
+            "api_tokens": str(self.api_tokens) if self.api_tokens else None,
+            "api_insecure": self.api_insecure,
         }
 
     @classmethod
@@ -143,4 +169,7 @@ class Settings:
             run_retention_seconds=float(data.get("run_retention_seconds", 900.0)),
             run_retention_count=int(data.get("run_retention_count", 10_000)),
             shutdown_grace=float(data.get("shutdown_grace", 10.0)),
+            scrub_env=tuple(data.get("scrub_env", ())),
+            api_tokens=Path(data["api_tokens"]) if data.get("api_tokens") else None,
+            api_insecure=bool(data.get("api_insecure", False)),
         )

@@ -64,6 +64,8 @@ class Peer:
     extra_args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # The API token its requests carry (a peer started with --api-tokens wants one).
+    token: str | None = None
 
     def __post_init__(self) -> None:
         for d in (self.jobs_dir, self.nodes_dir, self.state_dir):
@@ -137,7 +139,7 @@ class Peer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"distcrond exited with {self.proc.returncode}:\n{self.log()}")
-            r = requests.get(f"{self.url}/api/v1/health", timeout=2)
+            r = requests.get(f"{self.url}/api/v1/health", headers=self.headers, timeout=2)
             ok = r.status_code == 200 and (r.json().get("is_leader") or not leader)
             return r.json() if ok else None
 
@@ -147,11 +149,15 @@ class Peer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def get(self, path: str, **params: Any) -> requests.Response:
-        return requests.get(f"{self.url}{path}", params=params, timeout=5)
+        return requests.get(f"{self.url}{path}", params=params, headers=self.headers, timeout=5)
 
     def post(self, path: str, body: Any = None) -> requests.Response:
-        return requests.post(f"{self.url}{path}", json=body, timeout=5)
+        return requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=5)
 
     def run_state(self, run_id: str) -> str | None:
         r = self.get(f"/api/v1/runs/{run_id}")

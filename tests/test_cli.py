@@ -82,6 +82,8 @@ def test_the_leader_stall_timeout_has_a_default_a_flag_and_an_environment_variab
         ["--run-retention-count", "0"],
         ["--leader-stall-timeout", "0"],
         ["--leader-stall-timeout", "soon"],
+        ["--scrub-env", "A=B"],
+        ["--scrub-env", " "],
     ],
 )
 def test_bad_flags_exit_with_usage_error(
@@ -173,6 +175,21 @@ def test_elasticsearch_flags_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert restored.es_verify_certs is False and restored.es_username == "distcron"
 
 
+def test_scrub_env_is_repeatable_comes_from_the_environment_and_reaches_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert settings().scrub_env == ()
+    assert settings("--scrub-env", "AWS_*", "--scrub-env", "VAULT_TOKEN").scrub_env == (
+        "AWS_*",
+        "VAULT_TOKEN",
+    )
+    monkeypatch.setenv("DISTCRON_SCRUB_ENV", "MY_SECRET_*, OTHER_TOKEN,,")
+    assert settings().scrub_env == ("MY_SECRET_*", "OTHER_TOKEN")
+    assert settings("--scrub-env", "ONLY_THIS").scrub_env == ("ONLY_THIS",)  # the flag wins
+    s = settings()
+    assert type(s).from_json(json.loads(json.dumps(s.to_json()))).scrub_env == s.scrub_env
+
+
 @pytest.mark.parametrize("prefix", ["Runs-", "-runs", "runs*", "my runs", "a,b", ""])
 def test_a_bad_index_prefix_is_refused_with_the_reason(
     prefix: str, capsys: pytest.CaptureFixture[str]
@@ -201,3 +218,51 @@ def test_secrets_are_never_in_the_settings_passed_on_argv_but_reach_the_api_by_e
         "es-secret",
         "key-secret",
     )
+
+
+def test_the_api_tokens_flags_and_their_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert settings().api_tokens is None and settings().api_insecure is False
+    s = settings("--api-tokens", str(tmp_path / "t.json"), "--api-insecure")
+    assert s.api_tokens == tmp_path / "t.json" and s.api_insecure
+    monkeypatch.setenv("DISTCRON_API_TOKENS", "/etc/distcron/tokens.json")
+    monkeypatch.setenv("DISTCRON_API_INSECURE", "1")
+    s = settings()
+    assert s.api_tokens == Path("/etc/distcron/tokens.json") and s.api_insecure
+    again = type(s).from_json(json.loads(json.dumps(s.to_json())))
+    assert again.api_tokens == s.api_tokens and again.api_insecure
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0:8080", "192.0.2.7:8080", "[::]:8080", "api.example:80"])
+def test_a_peer_on_a_non_loopback_address_without_tokens_refuses_to_start(
+    bind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--bind", bind, "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert "--api-tokens" in err and bind in err and "--api-insecure" in err
+    assert not (tmp_path / "state").exists()  # refused before anything was started
+
+
+@pytest.mark.parametrize(
+    ("argv", "starts", "warning"),
+    [
+        (["--bind", "127.0.0.1:8080"], True, "has no --api-tokens"),
+        (["--bind", "[::1]:8080"], True, "has no --api-tokens"),
+        (["--bind", "localhost:8080"], True, "has no --api-tokens"),
+        (["--bind", "0.0.0.0:8080", "--api-insecure"], True, "--api-insecure"),
+        (["--bind", "0.0.0.0:8080", "--api-tokens", "t.json"], True, None),
+    ],
+)
+def test_loopback_or_an_explicit_opt_out_starts_with_a_warning(
+    argv: list[str], starts: bool, warning: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from distcrond.cli import api_exposure
+
+    caplog.set_level(logging.WARNING, logger="distcrond")
+    assert (api_exposure(settings(*argv)) is None) is starts
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if warning is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warning in warnings[0]

@@ -380,3 +380,48 @@ def test_health_says_whether_the_cluster_schedules() -> None:
     )
     body["scheduler"] = {"ok": True, "detail": "0.4 s since the last pass of epoch 3"}
     assert "scheduler:    ok: 0.4 s since the last pass of epoch 3" in render_health(body)
+
+
+def test_token_new_prints_a_token_and_the_entry_that_admits_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from distcrond.config.tokens import Role, TokensFile, TokenTable
+
+    assert main(["token", "new", "ops", "--role", "operate", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    table = TokenTable(TokensFile.model_validate({"tokens": [data["entry"]]}).tokens)
+    entry = table.authenticate(data["token"])
+    assert entry is not None and entry.name == "ops" and entry.level is Role.OPERATE
+    assert main(["token", "new", "ops", "--role", "operate"]) == 0
+    text = capsys.readouterr().out
+    assert "shown this once" in text and '"role": "operate"' in text
+    assert main(["token", "new", "ops", "--role", "boss"]) == 2
+    assert main(["token", "new", "two words", "--role", "read"]) == 2
+
+
+def test_the_token_comes_from_a_file_the_flag_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distcrond.ctl import build_parser, read_token
+
+    def token(*argv: str) -> str | None:
+        return read_token(build_parser().parse_args([*argv, "jobs"]))
+
+    assert token() is None
+    monkeypatch.setenv("DISTCRON_TOKEN", "from-env")
+    assert token() == "from-env"
+    assert token("--token", "from-flag") == "from-flag"
+    (tmp_path / "t").write_text("from-file\n")
+    assert token("--token-file", str(tmp_path / "t")) == "from-file"
+
+
+def test_a_refused_token_is_one_line_and_exit_status_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def refuse(method: str, url: str, body: bytes | None) -> tuple[int, Any]:
+        error = {"title": "Unauthorized", "description": "This peer needs an API token."}
+        return 401, {"error": error}
+
+    assert main(["--url", URL, "jobs"], transport=refuse) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unauthorized (401)" in err and "--token-file" in err

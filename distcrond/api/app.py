@@ -3,7 +3,8 @@
 Every error leaves as ``{"error": {"title": ..., "description": ...}}`` with
 its status: falcon's own (404 for an unknown route, 405, 400 for a bad query
 parameter or body), ours (404 unknown job or run), 503 when a store is
-unavailable, and 500 for anything unexpected, logged with its traceback.
+unavailable, 401/403 for a missing or too weak token (see auth.py), and 500 for
+anything unexpected, logged with its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import falcon
 
 from distcrond.api import resources
+from distcrond.api.auth import Authorization, TokenSource
 from distcrond.api.metrics import Metrics
 from distcrond.api.resources import API_PREFIX, APIContext
 from distcrond.clock import Clock
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 # The one route table: create_app adds these, and the OpenAPI document must describe exactly these.
 ROUTES: tuple[tuple[str, type[Any]], ...] = (
     (f"{API_PREFIX}/health", resources.Health),
+    (f"{API_PREFIX}/health/live", resources.Live),
     (f"{API_PREFIX}/cluster", resources.Cluster),
     (f"{API_PREFIX}/jobs", resources.Jobs),
     (f"{API_PREFIX}/jobs/{{job_id}}", resources.Job),
@@ -53,11 +56,13 @@ def create_app(
     clock: Clock | None = None,
     spool_dir: Path | None = None,
     stall_timeout: float = 5.0,
+    tokens: TokenSource | None = None,
 ) -> falcon.App:
     """The API over the given stores, answering as peer ``peer_id`` (whose report spool,
-    if its reports go to Elasticsearch, is ``spool_dir``)."""
+    if its reports go to Elasticsearch, is ``spool_dir``); with ``tokens``, only to the
+    holders of a token with the role each route needs (see :mod:`distcrond.api.auth`)."""
     ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir, stall_timeout)
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[Authorization(tokens, peer_id)])
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in ROUTES:
         app.add_route(template, resource(ctx))

@@ -147,6 +147,10 @@ def _schemas() -> dict[str, Schema]:
                 description="Every 4xx and 5xx answer has this body.",
             ),
             "StoreStatus": store_status,
+            "Liveness": obj(
+                {"status": {"type": "string", "enum": ["ok"]}, "peer_id": STRING},
+                description="This peer's API answers.",
+            ),
             "Health": obj(
                 {
                     "status": {"type": "string", "enum": ["ok", "degraded"]},
@@ -367,7 +371,7 @@ def _ok(description: str, schema: str, status: str = "200") -> dict[str, Any]:
 
 
 def _errors(*statuses: str) -> dict[str, Any]:
-    return {s: {"$ref": f"#/components/responses/{s}"} for s in ("500", "503", *statuses)}
+    return {s: {"$ref": f"#/components/responses/{s}"} for s in ("401", "500", "503", *statuses)}
 
 
 def _param(name: str, where: str, schema: Schema, description: str) -> dict[str, Any]:
@@ -428,8 +432,19 @@ def _paths() -> dict[str, Any]:
                         "scheduler pass within the stall timeout (same body, status degraded).",
                         "content": {JSON: {"schema": ref("Health")}},
                     },
+                    "401": {"$ref": "#/components/responses/401"},
                     "500": {"$ref": "#/components/responses/500"},
                 },
+            }
+        },
+        "/api/v1/health/live": {
+            "get": {
+                "operationId": "getLiveness",
+                "summary": "Liveness: 200 while this peer's API answers (no token needed)",
+                "description": "Reads no store: a store's outage does not make a peer look dead.",
+                "tags": ["cluster"],
+                "security": [],
+                "responses": {**_ok("This peer answers.", "Liveness")},
             }
         },
         "/api/v1/cluster": {
@@ -492,7 +507,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "content": {JSON: {"schema": ref("TriggerAccepted")}},
                     },
-                    **_errors("400", "404"),
+                    **_errors("400", "403", "404"),
                 },
             },
         },
@@ -583,12 +598,24 @@ def _document() -> dict[str, Any]:
             "title": "distcrond API",
             "version": distcrond.__version__,
             "description": "Every peer serves the same API over the shared stores: any peer "
-            "answers any question about the cluster.",
+            "answers any question about the cluster. A peer started with --api-tokens wants "
+            "'Authorization: Bearer <token>' on every request but the liveness check: reading "
+            "needs the role read, triggering a run operate.",
         },
         "paths": _paths(),
+        "security": [{"bearer": []}],
         "components": {
             "schemas": _schemas(),
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token of the peer's --api-tokens file.",
+                }
+            },
             "responses": {
+                "401": _error_response("No token, or one this peer does not know."),
+                "403": _error_response("The token's role is too low for this request."),
                 "400": _error_response("A bad parameter, body or run id."),
                 "404": _error_response("No such job, run or route."),
                 "500": _error_response("An unexpected error (logged by the peer)."),

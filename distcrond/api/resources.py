@@ -13,10 +13,11 @@ JSON in one place.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import falcon
 
@@ -24,6 +25,7 @@ import distcrond
 from distcrond.api import openapi
 from distcrond.clock import Clock
 from distcrond.config.models import JobSpec
+from distcrond.config.tokens import Role
 from distcrond.coordination.base import (
     ConfigSnapshot,
     CoordinationStore,
@@ -260,6 +262,19 @@ def _list_runs(ctx: APIContext, query: RunQuery) -> RunPage:
 # -- resources ------------------------------------------------------------------
 
 
+class Live:
+    """Liveness: 200 while this process answers requests. Open without a token, and reads
+    no store (a probe that restarts peers must not restart them for a store's outage)."""
+
+    REQUIRED_ROLES: ClassVar[Mapping[str, Role | None]] = {"GET": None, "HEAD": None}
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok", "peer_id": self.ctx.peer_id}
+
+
 class Health:
     """Whether this peer's stores answer; 503 (with the same JSON body) when one does not."""
 
@@ -384,6 +399,8 @@ class Job:
 
 class JobRuns:
     """A job's runs (GET: active ones, then finished ones, newest first) and "run now" (POST)."""
+
+    REQUIRED_ROLES: ClassVar[Mapping[str, Role | None]] = {"POST": Role.OPERATE}
 
     def __init__(self, ctx: APIContext) -> None:
         self.ctx = ctx

@@ -28,6 +28,7 @@ import falcon
 from gunicorn.app.base import BaseApplication
 
 from distcrond.api.app import create_app
+from distcrond.api.auth import TokenSource
 from distcrond.coordination.base import CoordinationStore
 from distcrond.logs import configure_logging, logging_config
 from distcrond.reporting.base import ReportStore
@@ -81,12 +82,14 @@ class APIServer(BaseApplication):
         reports = open_reports(self.settings)
         self._stores = [coordination, reports]
         spool_dir = self.settings.spool_dir if self.settings.es_urls else None
+        tokens = TokenSource(self.settings.api_tokens_table) if self.settings.api_tokens else None
         return create_app(
             coordination,
             reports,
             self.settings.peer_id,
             spool_dir=spool_dir,
             stall_timeout=self.settings.leader_stall_timeout,
+            tokens=tokens,
         )
 
     def _worker_exit(self, server: Any, worker: Any) -> None:

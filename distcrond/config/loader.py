@@ -22,11 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from distcrond.config.models import ID_PATTERN, JobSpec, NodeSpec
+
+if TYPE_CHECKING:
+    from distcrond.config.tokens import TokenTable
 
 log = logging.getLogger("distcrond.config")
 
@@ -78,6 +81,9 @@ class LoadedConfig:
     errors: tuple[ConfigError, ...] = ()
     digest: str = ""
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The API tokens in force (--api-tokens), None without a tokens file. Not in the digest
+    # nor in what a peer publishes: they are this peer's own.
+    tokens: TokenTable | None = None
 
     @classmethod
     def build(
@@ -86,6 +92,7 @@ class LoadedConfig:
         nodes: Mapping[str, NodeSpec],
         errors: Sequence[ConfigError] = (),
         loaded_at: datetime | None = None,
+        tokens: TokenTable | None = None,
     ) -> LoadedConfig:
         """A config of these entries, with its digest computed and its mappings read-only."""
         jobs = dict(sorted(jobs.items()))
@@ -96,6 +103,7 @@ class LoadedConfig:
             errors=tuple(errors),
             digest=config_digest(jobs, nodes),
             loaded_at=loaded_at or datetime.now(UTC),
+            tokens=tokens,
         )
 
 
@@ -130,6 +138,23 @@ def load_file(path: Path, model: type[M]) -> M | list[ConfigError]:
                 "letter or digit and hold only letters, digits, '.', '_' and '-' (at most 128)",
             )
         ]
+    data = read_json_object(path)
+    if isinstance(data, list):
+        return data
+    errors: list[ConfigError] = []
+    if "id" in data:
+        errors.append(ConfigError(file, "id", ID_FIELD_REASON))
+    try:
+        spec = model.model_validate({**data, "id": stem})
+    except ValidationError as e:
+        errors.extend(validation_errors(file, model, e))
+        return errors
+    return errors or spec
+
+
+def read_json_object(path: Path) -> dict[str, Any] | list[ConfigError]:
+    """A config file's JSON object, or the error saying why it is not one (never raises)."""
+    file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -140,17 +165,11 @@ def load_file(path: Path, model: type[M]) -> M | list[ConfigError]:
         return [
             ConfigError(file, "", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
         ]
+    except RecursionError:
+        return [ConfigError(file, "", "nested too deeply to be read")]
     if not isinstance(data, dict):
         return [ConfigError(file, "", f"must be a JSON object, not {_json_type(data)}")]
-    errors: list[ConfigError] = []
-    if "id" in data:
-        errors.append(ConfigError(file, "id", ID_FIELD_REASON))
-    try:
-        spec = model.model_validate({**data, "id": stem})
-    except ValidationError as e:
-        errors.extend(validation_errors(file, model, e))
-        return errors
-    return errors or spec
+    return data
 
 
 def validation_errors(file: str, model: type[BaseModel], exc: ValidationError) -> list[ConfigError]:
@@ -269,9 +288,12 @@ class ConfigRegistry:
     good version of its job or node while its errors are reported.
     """
 
-    def __init__(self, jobs_dir: Path | str, nodes_dir: Path | str) -> None:
+    def __init__(
+        self, jobs_dir: Path | str, nodes_dir: Path | str, tokens_file: Path | None = None
+    ) -> None:
         self.jobs_dir = Path(jobs_dir)
         self.nodes_dir = Path(nodes_dir)
+        self.tokens_file = tokens_file
         # Serialises reloads (the watcher's and the safety net's) so that
         # "last good" always means the previous reload's result.
         self._reload_lock = threading.Lock()
@@ -290,10 +312,25 @@ class ConfigRegistry:
             errors: list[ConfigError] = []
             jobs = _load_dir(self.jobs_dir, JobSpec, previous.jobs, errors)
             nodes = _load_dir(self.nodes_dir, NodeSpec, previous.nodes, errors)
-            config = LoadedConfig.build(jobs, nodes, errors)
+            tokens = self._load_tokens(previous.tokens, errors)
+            config = LoadedConfig.build(jobs, nodes, errors, tokens=tokens)
             self._log_changes(previous, config)
             self._current = config
             return config
+
+    def _load_tokens(
+        self, last_good: TokenTable | None, errors: list[ConfigError]
+    ) -> TokenTable | None:
+        """The tokens file's table; while it is bad, the last good one (None before one)."""
+        if self.tokens_file is None:
+            return None
+        from distcrond.config.tokens import load_tokens
+
+        result = load_tokens(self.tokens_file)
+        if isinstance(result, list):
+            errors.extend(result)
+            return last_good
+        return result
 
     def _log_changes(self, previous: LoadedConfig, config: LoadedConfig) -> None:
         # Log each error once, when it appears, not on every reload.

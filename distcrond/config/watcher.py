@@ -1,4 +1,5 @@
-"""Live reload of the jobs and nodes directories.
+"""Live reload of the jobs and nodes directories (and of the API tokens file, if any:
+its directory is watched like theirs).
 
 A :class:`ConfigWatcher` reloads its registry shortly after any change in
 either directory (file created, written, deleted or renamed, including the
@@ -47,6 +48,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from distcrond.config.loader import ConfigError, ConfigRegistry, LoadedConfig
+from distcrond.config.tokens import TokenTable
 
 log = logging.getLogger("distcrond.config")
 
@@ -90,7 +92,7 @@ class ConfigWatcher:
     like NFS) it relies on the full reload every ``full_reload_every`` seconds.
 
     ``on_change(config)`` is called from the watcher's thread, only when the
-    digest or the errors changed since the last config it was given (or the
+    digest, the errors or the API tokens changed since the last config it was given (or the
     registry's config at ``start()``). ``start()`` and ``stop()`` may each be
     called once; ``stop()`` joins the watcher's threads.
     """
@@ -118,14 +120,15 @@ class ConfigWatcher:
         self.full_reload_every = full_reload_every
         self.dir_poll = dir_poll
         self.use_events = use_events
-        self._dirs = (registry.jobs_dir, registry.nodes_dir)
+        tokens_dir = (registry.tokens_file.parent,) if registry.tokens_file else ()
+        self._dirs = (registry.jobs_dir, registry.nodes_dir, *tokens_dir)
         self._event = threading.Event()
         self._stop = threading.Event()
         self._observer: BaseObserver | None = None
         self._thread: threading.Thread | None = None
         self._watches: dict[Path, _Watch] = {}
         self._handler = _Handler(self._event.set)
-        self._reported: tuple[str, tuple[ConfigError, ...]] = ("", ())
+        self._reported: tuple[str, tuple[ConfigError, ...], TokenTable | None] = ("", (), None)
         self._started = False
 
     def start(self) -> None:
@@ -134,7 +137,7 @@ class ConfigWatcher:
             raise RuntimeError("ConfigWatcher.start() called twice")
         self._started = True
         current = self.registry.current
-        self._reported = (current.digest, current.errors)
+        self._reported = (current.digest, current.errors, current.tokens)
         self._observer = Observer()
         self._observer.daemon = True
         self._observer.start()
@@ -197,7 +200,7 @@ class ConfigWatcher:
         except Exception:  # the registry promises not to raise; keep watching if it does
             log.exception("config reload failed")
             return
-        state = (config.digest, config.errors)
+        state = (config.digest, config.errors, config.tokens)
         if state == self._reported:
             return
         self._reported = state

@@ -32,6 +32,7 @@ from distcrond.clock import Clock
 from distcrond.config.durations import format_duration
 from distcrond.execution.base import Attempt, Runner, RunOutcome, RunRequest
 from distcrond.execution.capture import BoundedBuffer
+from distcrond.execution.environment import RunEnvironment
 
 # How often the read loop wakes, at most, to look at the cancel event and the clock.
 _POLL_INTERVAL = 0.05
@@ -102,9 +103,11 @@ class _Watch:
 class LocalRunner(Runner):
     """Runs a :class:`RunRequest` as a local subprocess; never raises for the command's failure.
 
-    - ``argv`` is executed directly (no shell), with the daemon's environment (as it
-      was when the runner was made) plus ``request.env``, in ``request.working_dir``,
-      stdin from /dev/null.
+    - ``argv`` is executed directly (no shell), in ``request.working_dir``, stdin from
+      /dev/null, with the environment ``environment`` builds: the daemon's (as it was
+      when that was made) without the daemon's secrets, then ``request.env`` over it,
+      which may set a scrubbed name (see :mod:`distcrond.execution.environment`). The
+      default scrubs :data:`~distcrond.settings.SECRET_ENV_NAMES` of ``os.environ``.
     - stdout and stderr are captured separately, each bounded to
       ``request.max_output_bytes`` (head and tail kept, see
       :class:`~distcrond.execution.capture.BoundedBuffer`); the pipes are always
@@ -134,11 +137,10 @@ class LocalRunner(Runner):
         clock: Clock | None = None,
         kill_grace: float = 5.0,
         output_grace: float = 1.0,
+        environment: RunEnvironment | None = None,
     ) -> None:
         self._clock = clock if clock is not None else Clock()
-        # The daemon's environment, read once (os.environ decodes every variable on each
-        # copy): runs get it, with their own variables over it.
-        self._environ = dict(os.environ)
+        self._environment = environment if environment is not None else RunEnvironment()
         self._kill_grace = kill_grace
         self._output_grace = output_grace
         self._lock = threading.Condition()
@@ -248,7 +250,8 @@ class LocalRunner(Runner):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=request.working_dir,
-                env={**self._environ, **request.env} if request.env else None,
+                # Always explicit: inheriting (env=None) would hand the run the secrets.
+                env=self._environment.for_run(request.env),
                 close_fds=True,
                 start_new_session=True,
                 bufsize=0,

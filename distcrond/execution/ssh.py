@@ -85,7 +85,11 @@ def known_hosts_name(host: str, port: int) -> str:
 
 
 def remote_script(request: RunRequest) -> bytes:
-    """The shell script that runs ``request`` on the node (see the module docstring)."""
+    """The shell script that runs ``request`` on the node (see the module docstring).
+
+    The run's environment is ``request.env`` alone: nothing of the daemon's own
+    environment goes to the node (nor to paramiko's ``environment=``), so neither do the
+    daemon's secrets (see distcrond/execution/environment.py)."""
     lines = ['echo "DISTCRON-PID $$" >&2']
     lines += [f"export {shlex.quote(f'{k}={v}')}" for k, v in sorted(request.env.items())]
     if request.working_dir:
