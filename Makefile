@@ -9,6 +9,7 @@ STATE_DIR ?= var/state
 PYTEST_ARGS ?=
 CHAOS_SECONDS ?= 90
 CHAOS_SEED ?= 1
+CHAOS_BOUND_SLACK ?= 0
 
 .PHONY: run test unit integration lint typecheck bench chaos check-config clean venv services services-stop cluster
 
@@ -64,7 +65,8 @@ bench: venv
 ##   Elasticsearch and sshd hosts, about 30 one-second jobs, random faults (CHAOS_SEED) for
 ##   CHAOS_SECONDS; prints a table per fault kind and the invariants, fails on any violation
 chaos: venv
-	$(BIN)/python -m integration.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED)
+	$(BIN)/python -m integration.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED) \
+		--bound-slack $(CHAOS_BOUND_SLACK)
 
 ## services: a local 3-server ZooKeeper ensemble on 127.0.0.1:2181-2183 (Debian's package) and a
 ##   single-node Elasticsearch on 127.0.0.1:9200 (Maven Central's integ-test-zip, through mvn)

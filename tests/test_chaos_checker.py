@@ -21,7 +21,14 @@ from integration.chaos.checker import (
     started_early,
 )
 from integration.chaos.faults import RULES, Fault, parse_kinds
-from integration.chaos.summary import Verdict, exit_status, kind_rows, render_table, to_json
+from integration.chaos.summary import (
+    Verdict,
+    exit_status,
+    kind_rows,
+    render_evidence,
+    render_table,
+    to_json,
+)
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC).timestamp()  # a whole second
 S = 4.0
@@ -167,6 +174,23 @@ def test_a_recovery_over_its_bound_or_missing_fails_the_run() -> None:
     assert exit_status(ok) == 0 and exit_status(clock) == 0
     assert exit_status(slow) == 1 and exit_status(never) == 1
     assert kind_rows(never)[0]["never_recovered"] == 1
+
+
+def test_a_slack_tolerates_a_late_recovery_up_to_it_but_never_a_missing_one() -> None:
+    faults = [Fault("zk-kill-leader", "zk1", T0, T0 + 3), Fault("kill-leader", "peer-1", T0, T0)]
+    late = verdict(faults, [1.8, S + 1.5])
+    assert exit_status(late) == 1
+    late.bound_slack_s = 1.0
+    assert exit_status(late) == 0
+    assert to_json(late)["recoveries_over_bound"] == 2
+    assert to_json(late)["recoveries_over_bound_plus_slack"] == 0
+    assert "within the slack of 1 s" in render_evidence(late)
+    later = verdict(faults, [2.1, S + 1.5])
+    later.bound_slack_s = 1.0
+    assert exit_status(later) == 1
+    never = verdict(faults[:1], [None])
+    never.bound_slack_s = 100.0
+    assert exit_status(never) == 1
 
 
 def test_any_invariant_violation_fails_the_run() -> None:

@@ -37,6 +37,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nemesis", default="", help=f"KIND[,KIND...] of: {', '.join(KINDS)}")
     parser.add_argument("--out", type=Path, help="JSON file (default var/chaos/chaos-SEED.json)")
     parser.add_argument("--workdir", type=Path, help="default: a fresh temporary directory")
+    parser.add_argument(
+        "--bound-slack",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fail on a recovery later than its bound + SECONDS only (default 0: the bounds; "
+        "every recovery over its bound is printed either way)",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,8 +86,9 @@ def run(services: Services, args: argparse.Namespace, kinds: list[str], rng: ran
     out.write_text(json.dumps(report | {"clock_peer": services.clock_peer}, indent=2) + "\n")
     say("\n" + render_table(verdict))
     status = exit_status(verdict)
-    if status:
-        say("\nviolations:\n" + render_evidence(verdict))
+    evidence = render_evidence(verdict)
+    if evidence:
+        say(("\nviolations:\n" if status else "\nover their bound:\n") + evidence)
     say(f"\nchaos: JSON in {out}; {'OK' if status == 0 else 'VIOLATIONS'}")
     return status
 

@@ -116,4 +116,5 @@ def check(
         malformed=malformed,
         notes=notes,
         early=checker.started_early(lines),
+        bound_slack_s=args.bound_slack,
     )

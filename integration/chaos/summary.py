@@ -3,8 +3,9 @@
 :class:`Verdict` holds the checker's findings; :func:`kind_rows` turns the faults'
 recoveries into one row per kind (count, p50, max, bound, within bound);
 :func:`render` prints the table and the invariants' counts, plus the evidence of
-each violation; :func:`exit_status` is 0 only when no invariant was violated and
-every bounded recovery was within its bound (1 otherwise).
+each recovery over its bound; :func:`exit_status` is 0 only when no invariant was
+violated and every bounded recovery was within its bound plus ``bound_slack_s``
+(``--bound-slack``, 0 by default: the bounds themselves), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Verdict:
     first_runs: list[LedgerLine | None] = field(default_factory=list)  # one per fault
     states: dict[str, int] = field(default_factory=dict)  # recorded state -> expected runs
     early: list[LedgerLine] = field(default_factory=list)  # reported, not a violation
+    # A recovery fails the run when later than its bound + this (0: the bounds themselves).
+    bound_slack_s: float = 0.0
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -91,11 +94,22 @@ def invariant_counts(verdict: Verdict) -> dict[str, int]:
     }
 
 
+def late_recoveries(verdict: Verdict, slack: float = 0.0) -> list[int]:
+    """The faults (indices) whose recovery is missing or later than their bound + ``slack``."""
+    late = []
+    for i, (fault, r) in enumerate(zip(verdict.faults, verdict.recoveries, strict=True)):
+        bound = RULES[fault.kind].bound_s(verdict.session_s)
+        if bound is not None and (r is None or r > bound + slack):
+            late.append(i)
+    return late
+
+
 def violated(verdict: Verdict) -> bool:
+    """An invariant broken, or a recovery missing or later than its bound + the slack."""
     counts = invariant_counts(verdict)
     if any(counts[k] for k in counts if k not in ("slots_checked", "runs_executed")):
         return True
-    return any(row["within_bound"] is False for row in kind_rows(verdict))
+    return bool(late_recoveries(verdict, verdict.bound_slack_s))
 
 
 def exit_status(verdict: Verdict) -> int:
@@ -152,14 +166,16 @@ def render_evidence(verdict: Verdict) -> str:
                 f"[{fault.start:.3f}, {fault.end}]: {_line(x)}"
             )
     firsts = verdict.first_runs or [None] * len(verdict.faults)
-    for fault, r, first in zip(verdict.faults, verdict.recoveries, firsts, strict=True):
+    failing = set(late_recoveries(verdict, verdict.bound_slack_s))
+    for i in late_recoveries(verdict):
+        fault, r, first = verdict.faults[i], verdict.recoveries[i], firsts[i]
         bound = RULES[fault.kind].bound_s(verdict.session_s)
-        if bound is not None and (r is None or r > bound):
-            out.append(
-                f"RECOVERY {fault.kind} of {fault.target} at {fault.start:.3f} "
-                f"(healed {fault.end}): {_fmt(r)} s > bound {bound:.2f} s; first run after: "
-                + (_line(first) if first is not None else "none")
-            )
+        tolerated = "" if i in failing else f" (within the slack of {verdict.bound_slack_s:g} s)"
+        out.append(
+            f"RECOVERY {fault.kind} of {fault.target} at {fault.start:.3f} "
+            f"(healed {fault.end}): {_fmt(r)} s > bound {bound:.2f} s{tolerated}; first run "
+            "after: " + (_line(first) if first is not None else "none")
+        )
     return "\n".join(out)
 
 
@@ -175,6 +191,9 @@ def to_json(verdict: Verdict) -> dict[str, Any]:
         "kinds": kind_rows(verdict),
         "invariants": invariant_counts(verdict),
         "ok": not violated(verdict),
+        "bound_slack_s": verdict.bound_slack_s,
+        "recoveries_over_bound": len(late_recoveries(verdict)),
+        "recoveries_over_bound_plus_slack": len(late_recoveries(verdict, verdict.bound_slack_s)),
         "faults": [
             f.to_json() | {"recovery_s": r}
             for f, r in zip(verdict.faults, verdict.recoveries, strict=True)
