@@ -189,7 +189,7 @@ def test_a_slack_tolerates_a_late_recovery_up_to_it_but_never_a_missing_one() ->
     later.bound_slack_s = 1.0
     assert exit_status(later) == 1
     never = verdict(faults[:1], [None])
-    never.bound_slack_s = 100.0
+    never.bound_slack_s = float("inf")  # as .ci/run: a fault never recovered from still fails
     assert exit_status(never) == 1
 
 

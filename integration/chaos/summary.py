@@ -191,7 +191,7 @@ def to_json(verdict: Verdict) -> dict[str, Any]:
         "kinds": kind_rows(verdict),
         "invariants": invariant_counts(verdict),
         "ok": not violated(verdict),
-        "bound_slack_s": verdict.bound_slack_s,
+        "bound_slack_s": verdict.bound_slack_s if math.isfinite(verdict.bound_slack_s) else None,
         "recoveries_over_bound": len(late_recoveries(verdict)),
         "recoveries_over_bound_plus_slack": len(late_recoveries(verdict, verdict.bound_slack_s)),
         "faults": [
