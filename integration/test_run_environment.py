@@ -83,17 +83,9 @@ def test_runs_local_and_over_ssh_get_none_of_the_daemons_secrets(
     peer.write_node("here", {"roles": ["here"], "connection_type": "local"})
     peer.write_node(
         "there",
-        {
-            "roles": ["there"],
-            "connection_type": "ssh",
-            "connection_options": {
-                "ssh_user": host.user,
-                "ssh_host": f"{host.address}:{host.port}",
-                "ssh_private_key_file": str(key),
-                "ssh_key_passphrase_env": "NODE_KEY_PASSPHRASE",
-                "ssh_known_hosts_file": str(host.known_hosts),
-            },
-        },
+        host.node_file(
+            ["there"], ssh_private_key_file=str(key), ssh_key_passphrase_env="NODE_KEY_PASSPHRASE"
+        ),
     )
     peer.write_job("env-here", env_job(["here"]))
     peer.write_job("env-there", env_job(["there"]))

@@ -34,17 +34,7 @@ NASTY = ["it's", 'say "hi"', "a; touch /tmp/distcron-pwned", "$(id)", "`id`", "t
 
 
 def node_file(host: SSHHost, roles: list[str] | None = None, **options: Any) -> dict[str, Any]:
-    return {
-        "roles": roles or ["worker"],
-        "connection_type": "ssh",
-        "connection_options": {
-            "ssh_user": host.user,
-            "ssh_host": f"{host.address}:{host.port}",
-            "ssh_private_key_file": str(host.client_key),
-            "ssh_known_hosts_file": str(host.known_hosts),
-            **options,
-        },
-    }
+    return host.node_file(roles, **options)
 
 
 def node(host: SSHHost, node_id: str = "n1", **options: Any) -> NodeSpec:

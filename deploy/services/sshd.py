@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -277,6 +278,21 @@ class SSHHost:
     @property
     def known_hosts_line(self) -> str:
         return f"{known_hosts_name(self.address, self.port)} {self.host_key}"
+
+    def node_file(self, roles: list[str] | None = None, **options: Any) -> dict[str, Any]:
+        """A distcrond node file (as JSON data) for this host: SSH as this user, with the
+        client key and known_hosts; ``options`` go into its ``connection_options``."""
+        return {
+            "roles": roles or ["worker"],
+            "connection_type": "ssh",
+            "connection_options": {
+                "ssh_user": self.user,
+                "ssh_host": f"{self.address}:{self.port}",
+                "ssh_private_key_file": str(self.client_key),
+                "ssh_known_hosts_file": str(self.known_hosts),
+                **options,
+            },
+        }
 
     def ssh_command(self, *remote: str, known_hosts: Path | None = None) -> list[str]:
         """An OpenSSH ``ssh`` command line that runs ``remote`` on this host.

@@ -43,17 +43,7 @@ PORT = int(os.environ.get("BENCH_SSH_PORT", "2522"))
 
 def node_spec(host: SSHHost) -> NodeSpec:
     return NodeSpec.model_validate(
-        {
-            "id": "bench",
-            "connection_type": "ssh",
-            "connection_options": {
-                "ssh_user": host.user,
-                "ssh_host": f"{host.address}:{host.port}",
-                "ssh_private_key_file": str(host.client_key),
-                "ssh_known_hosts_file": str(host.known_hosts),
-                "max_concurrent_runs": 64,
-            },
-        }
+        {"id": "bench", **host.node_file(max_concurrent_runs=64)} | {"roles": []}
     )
 
 

@@ -59,17 +59,8 @@ class Workload:
 
 
 def ssh_node(host: SSHHost) -> dict[str, Any]:
-    """An SSH node file for one of our sshd hosts (as integration/test_ssh.py writes them)."""
-    return {
-        "roles": [REMOTE_ROLE],
-        "connection_type": "ssh",
-        "connection_options": {
-            "ssh_user": host.user,
-            "ssh_host": f"{host.address}:{host.port}",
-            "ssh_private_key_file": str(host.client_key),
-            "ssh_known_hosts_file": str(host.known_hosts),
-        },
-    }
+    """An SSH node file for one of our sshd hosts."""
+    return host.node_file([REMOTE_ROLE])
 
 
 def make_workload(ledger: Path, ssh_hosts: list[SSHHost]) -> Workload:
