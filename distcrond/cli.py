@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(a cluster of one, with its state in SQLite, when no ZooKeeper is given).",
     )
     p.add_argument("--version", action="version", version=f"distcrond {__version__}")
+    _add_peer_flags(p)
+    _add_run_flags(p)
+    _add_cluster_flags(p)
+    _add_elasticsearch_flags(p)
+    _add_elasticsearch_auth_flags(p)
+    _add_api_security_flags(p)
+    return p
+
+
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    """Directories, the API's address, logging, limits and retention."""
     p.add_argument(
         "--jobs-dir",
         "--jobsDirectory",
@@ -159,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         help="(env DISTCRON_LOG_LEVEL; default %(default)s)",
     )
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """How many runs at once, how long finished records stay, the stop's grace."""
     p.add_argument(
         "--max-concurrent-runs",
         type=_positive_int,
@@ -187,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long running runs may finish before they are stopped "
         "(env DISTCRON_SHUTDOWN_GRACE; default 10s)",
     )
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """ZooKeeper: cluster mode, its session and the leader's stall timeout."""
     p.add_argument(
         "--zookeeper",
         default=_env("ZOOKEEPER"),
@@ -223,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZooKeeper digest auth; everything distcrond creates is then readable and writable "
         "by that identity only. Prefer the environment (DISTCRON_ZK_AUTH): flags show in ps",
     )
+
+
+def _add_elasticsearch_flags(p: argparse.ArgumentParser) -> None:
+    """Reports in Elasticsearch (and the original program's --esHost/--esPort)."""
     p.add_argument(
         "--es-url",
         dest="es_urls",
@@ -260,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         "slot; history is dropped by deleting an index (env DISTCRON_ES_INDEX_PERIOD; "
         "default %(default)s)",
     )
+
+
+def _add_elasticsearch_auth_flags(p: argparse.ArgumentParser) -> None:
+    """Elasticsearch credentials and TLS verification."""
     p.add_argument(
         "--es-username",
         default=_env("ES_USERNAME"),
@@ -301,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         "daemon's own secrets; a glob like 'AWS_*' (case-sensitive); repeatable "
         "(env DISTCRON_SCRUB_ENV, comma-separated)",
     )
+
+
+def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
+    """API tokens, the opt-out of them, the environment runs never get, and --check."""
     p.add_argument(
         "--api-tokens",
         type=Path,
@@ -322,7 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the job and node files, print any errors, and exit (1 if any)",
     )
-    return p
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -530,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("cluster", cmd_cluster, "show the leader, the peers and config drift")
     add("errors", cmd_errors, "show job and node files that failed to load")
     add("health", cmd_health, "show whether the peer's stores answer")
+    _add_token_commands(commands, common)
+    return parser
+
+
+def _add_token_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """``token new NAME --role ROLE``: made locally, no API call."""
     token = commands.add_parser("token", help="API tokens", description="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     new = token_commands.add_parser(
@@ -540,7 +546,6 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(func=cmd_token_new)
     new.add_argument("name", type=_token_name, help="who holds it (shown in the audit log)")
     new.add_argument("--role", choices=TOKEN_ROLES, required=True, help="what it may do")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None, transport: Transport | None = None) -> int:

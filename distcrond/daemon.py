@@ -122,16 +122,7 @@ class Daemon:
             log.info("loaded %d jobs and %d nodes", len(config.jobs), len(config.nodes))
             self._write_tokens(config)
 
-            # Runs never see the daemon's secrets; the nodes' passphrase variables are those
-            # of the config in force (a cheap lookup: RunEnvironment caches per config).
-            environment = RunEnvironment(
-                patterns=s.scrub_env, nodes=lambda: self._registry.current.nodes
-            )
-            local = LocalRunner(clock=self.clock, environment=environment)
-            stack.callback(local.close)
-            ssh = SSHRunner(clock=self.clock, learned_hosts=s.state_dir / "ssh_known_hosts")
-            stack.callback(ssh.close)
-            runners: dict[str, Runner] = {"local": local, "ssh": ssh}
+            runners, ssh = self._runners(stack)
 
             health = NodeHealthTracker(
                 coordination, ssh.probe, lambda: self._registry.current, s.peer_id, self.clock
@@ -198,6 +189,21 @@ class Daemon:
             log.info("stopping peer %s", s.peer_id)
         log.info("peer %s stopped", s.peer_id)
         return 0
+
+    def _runners(self, stack: ExitStack) -> tuple[dict[str, Runner], SSHRunner]:
+        """The runners by connection type (and the SSH one, whose probe node health uses),
+        each closed when ``stack`` unwinds."""
+        s = self.settings
+        # Runs never see the daemon's secrets; the nodes' passphrase variables are those of
+        # the config in force (a cheap lookup: RunEnvironment caches per config).
+        environment = RunEnvironment(
+            patterns=s.scrub_env, nodes=lambda: self._registry.current.nodes
+        )
+        local = LocalRunner(clock=self.clock, environment=environment)
+        stack.callback(local.close)
+        ssh = SSHRunner(clock=self.clock, learned_hosts=s.state_dir / "ssh_known_hosts")
+        stack.callback(ssh.close)
+        return {"local": local, "ssh": ssh}, ssh
 
     def _forget_dead_peers(self, coordination: CoordinationStore) -> None:
         """Standalone: the state lock proves no other peer uses these files, so every other

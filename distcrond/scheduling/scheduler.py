@@ -26,13 +26,13 @@ import heapq
 import logging
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from distcrond.clock import Clock
 from distcrond.config.loader import LoadedConfig
-from distcrond.config.models import JobSpec, MisfirePolicy
+from distcrond.config.models import JobSpec, MisfirePolicy, NodeSpec
 from distcrond.coordination.base import CoordinationStore, FencedOut
 from distcrond.recovery import settle_abandoned
 from distcrond.reporting.base import ReportStore
@@ -589,9 +589,9 @@ class Scheduler:
         live = [p.peer_id for p in self._coordination.peers()]
         # Read after the records: a run seen running and not executing has lost its peer.
         executing = self._coordination.executing_runs()
-        self._move_overdue(records, live, now)
         load = Counter(r.peer_id for r in self._active.values() if r.peer_id)
         nodes = self._config().nodes
+        self._move_overdue(records, live, now, load, nodes)
         for record in records:
             if record.state.terminal or record.peer_id is None:
                 continue
@@ -616,10 +616,17 @@ class Scheduler:
                 if settled is not None:
                     self._remember([settled])
 
-    def _move_overdue(self, records: list[RunRecord], live: list[str], now: datetime) -> None:
+    def _move_overdue(
+        self,
+        records: list[RunRecord],
+        live: list[str],
+        now: datetime,
+        load: Counter[str],
+        nodes: Mapping[str, NodeSpec],
+    ) -> None:
         """Suspect the live peers that hold overdue runs (see suspects.py), and move those
         runs to a peer that is not suspected (they stay where they are if every peer is
-        suspected). Updates ``records`` in place with the moved runs."""
+        suspected). Updates ``records`` in place with the moved runs, and ``load``."""
         late = [r for r in records if r.peer_id in live and overdue(r, now)]
         if not late:
             return
@@ -635,8 +642,6 @@ class Scheduler:
         eligible = self._suspects.unsuspected(live)
         if not eligible:
             return
-        load = Counter(r.peer_id for r in self._active.values() if r.peer_id)
-        nodes = self._config().nodes
         for i, record in enumerate(records):
             node = nodes.get(record.node_id or "")
             if record.run_id not in late_ids or node is None:
