@@ -1,8 +1,10 @@
 """A peer's wall clock under Debian's libfaketime, moved by writing its offset file.
 
 The peer chosen for ``clock-step`` is started with ``LD_PRELOAD`` of libfaketime and
-``FAKETIME_TIMESTAMP_FILE`` pointing at :attr:`FakeClock.path`, re-read on every
-call (``FAKETIME_NO_CACHE=1``); its monotonic clock stays real
+``FAKETIME_TIMESTAMP_FILE`` pointing at :attr:`FakeClock.path`, re-read at most once a
+second (``FAKETIME_CACHE_DURATION=1``: with ``FAKETIME_NO_CACHE=1`` every clock call
+reads the file, and the peer burnt 60 % of a core doing that, starving the machine);
+its monotonic clock stays real
 (``FAKETIME_DONT_FAKE_MONOTONIC=1``), and rate changes do not jump
 (``FAKETIME_XRESET=1``). ``date`` is exempt (``FAKETIME_SKIP_CMDS``), so the
 ledger lines its jobs write carry the real time.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 SHIM_SOURCE = Path(__file__).with_name("sleepshim.c")
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+CACHE_S = 1  # how long libfaketime keeps an offset before reading the file again
 
 
 class FakeClock:
@@ -54,7 +57,7 @@ class FakeClock:
         """Back to the real time at the real rate: ``+0`` alone keeps a rate set before
         (and with ``FAKETIME_XRESET`` its accumulated offset), ``+0 x1`` then ``+0`` does not."""
         self.set("+0 x1")
-        time.sleep(0.2)  # read by the peer on its next clock call (no cache)
+        time.sleep(CACHE_S + 0.2)  # the peer reads it once its cache expires
         self.set("+0")
 
     def environment(self) -> dict[str, str]:
@@ -62,7 +65,7 @@ class FakeClock:
         return {
             "LD_PRELOAD": f"{self.shim}:{LIBFAKETIME}",
             "FAKETIME_TIMESTAMP_FILE": str(self.path),
-            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_CACHE_DURATION": str(CACHE_S),
             "FAKETIME_DONT_FAKE_MONOTONIC": "1",
             "FAKETIME_XRESET": "1",
             "FAKETIME_SKIP_CMDS": "date",
