@@ -136,6 +136,27 @@ def test_late_pass_records_every_slot_it_overslept(h: Harness) -> None:
     assert slots == [T0 + timedelta(seconds=s) for s in (1, 2, 3)]
 
 
+def test_slots_that_fell_due_while_a_write_waited_go_out_in_the_same_pass(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write held by the store (a ZooKeeper server's loss holds it until the
+    reconnection) does not also hold back, by a reconciliation, the slots due meanwhile."""
+    h.set_jobs(make_job("tick"))
+    h.lead()
+    h.at(0)
+    record_runs = h.coordination.record_runs
+
+    def held(*args: Any, **kwargs: Any) -> list[RunRecord]:
+        created = record_runs(*args, **kwargs)
+        monkeypatch.setattr(h.coordination, "record_runs", record_runs)
+        h.clock.set(T0 + timedelta(seconds=2.5))  # it came back 1.5 s later
+        return created
+
+    monkeypatch.setattr(h.coordination, "record_runs", held)
+    h.at(1.0)
+    assert [r.slot for r in h.records()] == [T0 + timedelta(seconds=s) for s in (1, 2)]
+
+
 def test_forbid_skips_a_slot_while_the_previous_run_is_active(h: Harness) -> None:
     h.set_jobs(make_job("tick"))
     h.lead()
@@ -403,6 +424,24 @@ def test_a_live_peer_that_leaves_a_due_run_unstarted_loses_it_and_gets_no_new_ru
         at(second)
     later = [r for r in h.records(job_id="beat") if r.slot > T0 + timedelta(seconds=6.7)]
     assert "stuck" in {r.peer_id for r in later}
+
+
+def test_no_peer_is_suspected_for_the_time_the_leader_itself_was_cut_off(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ZooKeeper server's loss cuts every peer off at once: when the leader's connection
+    comes back, every run due meanwhile is overdue, and no peer is to blame for it. The
+    peers get a second from the reconnection, as from a run's slot."""
+    h.set_jobs(make_job("tick", schedule={"interval": "1h"}))
+    epoch = h.lead()
+    waiting = orphan(h, epoch, "tick", "other")
+    h.coordination.register_peer(PeerInfo("p1", "http://x", T0, "test"))
+    monkeypatch.setattr(h.coordination, "reconnected_at", lambda: T0 + timedelta(seconds=1.2))
+    h.at(1.6)  # due 1.6 s ago, but the leader could not see for the first 1.2 s
+    assert h.coordination.get_run(waiting.run_id) == waiting
+    h.at(2.7)  # 1.5 s after the reconnection (the next reconciliation), unclaimed: moved
+    moved = h.coordination.get_run(waiting.run_id)
+    assert moved is not None and moved.peer_id == "p1"
 
 
 def test_a_run_overdue_on_the_only_live_peer_stays_where_it_is(h: Harness) -> None:

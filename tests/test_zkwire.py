@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
+import threading
 import time
 
 import pytest
+from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.protocol.serialization import GetChildren, GetData, ZnodeStat
 
@@ -18,6 +21,7 @@ from distcrond.coordination.zkwire import (
     AddWatch,
     MultiRead,
     PollHandler,
+    quick_handshakes,
     route_watch_events,
 )
 
@@ -167,3 +171,42 @@ def test_watch_events_are_routed_then_handed_to_kazoo():
 
     assert routed == [(NODE_CREATED, "/assignments/e/r1")]
     assert connection.read == [(b"xx" + event, 2)]  # kazoo's own watchers still see it
+
+
+def test_a_server_that_accepts_but_never_answers_is_given_up_quickly_then_more_patiently():
+    """A ZooKeeper server that is starting accepts connections before it answers them.
+    kazoo would wait for its handshake the whole session timeout (one server); with
+    quick_handshakes it tries again after 0.2 s, then 0.4 s, then 0.8 s..."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[float] = []
+    kept: list[socket.socket] = []
+
+    def accept() -> None:
+        while len(accepted) < 4:
+            conn, _ = silent.accept()
+            accepted.append(time.monotonic())
+            kept.append(conn)  # open, and silent
+
+    listener = threading.Thread(target=accept, daemon=True)
+    listener.start()
+    port = silent.getsockname()[1]
+    client = KazooClient(
+        hosts=f"127.0.0.1:{port}",
+        timeout=4.0,
+        connection_retry={"max_tries": -1, "delay": 0.01, "backoff": 1, "max_jitter": 0},
+    )
+    quick_handshakes(client)
+    try:
+        with pytest.raises(client.handler.timeout_exception):
+            client.start(timeout=2.0)
+        listener.join(1.0)
+    finally:
+        client.stop()
+        client.close()
+        for conn in kept:
+            conn.close()
+        silent.close()
+    gaps = [b - a for a, b in itertools.pairwise(accepted)]
+    assert len(gaps) >= 2, f"handshakes tried: {len(accepted)} (kazoo alone: one, for 4 s)"
+    assert 0.15 < gaps[0] < 0.4, gaps
+    assert 0.35 < gaps[1] < 0.7, gaps

@@ -310,6 +310,12 @@ class CoordinationStore(ABC):
     def status(self) -> StoreStatus:
         """Whether the store answers now."""
 
+    def reconnected_at(self) -> datetime | None:
+        """When this instance's connection last came back (wall clock), None if it never
+        went. Until then no peer could claim a run, so no run is overdue on a peer for
+        the time before (the leader's suspicion of idle peers counts from it)."""
+        return None
+
     # -- membership ----------------------------------------------------------
     @abstractmethod
     def register_peer(self, peer: PeerInfo) -> None:

@@ -18,6 +18,15 @@
   ``poll`` a request costs the client half the CPU (72 instead of 140 µs per pipelined
   ``get`` on this project's 2-core machine).
 
+- :func:`quick_handshakes`: a short wait for a server's answer to the session
+  handshake. A ZooKeeper server that is starting listens on its client port ~0.4 s
+  before it answers anything (it loads its snapshot meanwhile); kazoo waits for the
+  handshake up to session timeout / number of servers (1.3 s for 4 s and three), so
+  a client that tried that server during a rolling restart came back ~0.5 s after
+  the others. The first handshake after a drop waits 0.2 s, each one that times out
+  doubles the wait up to kazoo's, and a handshake that succeeds resets it: a slow
+  ensemble costs a few tries, never the connection.
+
 They rely on kazoo's request protocol: a request is an object with ``type``,
 ``serialize()`` and ``deserialize(bytes, offset)``, queued by ``KazooClient._call``
 (the path every kazoo request takes), and on its connection handing each watch
@@ -35,6 +44,7 @@ from kazoo.exceptions import EXCEPTIONS
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import (
+    Connect,
     GetChildren,
     GetData,
     MultiHeader,
@@ -151,6 +161,32 @@ def _send(client: KazooClient, request: MultiRead | AddWatch) -> Any:
     result = client.handler.async_result()
     client._call(request, result)
     return result
+
+
+HANDSHAKE_FIRST_WAIT = 0.2  # seconds; see quick_handshakes
+
+
+def quick_handshakes(client: KazooClient, first_wait: float = HANDSHAKE_FIRST_WAIT) -> None:
+    """Wait ``first_wait`` for a server's handshake answer, doubling after each one that
+    times out, up to kazoo's own wait (see the module). kazoo calls its connection's
+    ``_invoke`` for the handshake only (the ``Connect`` request) and for the
+    authentication packets; only the handshake's wait changes."""
+    connection = client._connection
+    original = connection._invoke
+    wait = [first_wait]
+
+    def invoke(timeout: float, request: Any, xid: int | None = None) -> Any:
+        if not isinstance(request, Connect):
+            return original(timeout, request, xid)
+        try:
+            result = original(min(timeout, wait[0]), request, xid)
+        except client.handler.timeout_exception:
+            wait[0] = min(wait[0] * 2, timeout)
+            raise
+        wait[0] = first_wait
+        return result
+
+    connection._invoke = invoke
 
 
 def route_watch_events(client: KazooClient, route: Callable[[int, str], None]) -> None:

@@ -20,10 +20,14 @@ there). The essentials:
 * **Idempotency.** Every operation is retried on connection loss from a fresh
   read; a retry that finds its own earlier write (same bytes) counts it as done.
   ``NodeExists`` on a create of ours and ``NoNode`` on a delete count as success.
-* **Connection states** (kazoo's): SUSPENDED means "assume nothing you hold is
-  valid": the leader is revoked at once and ``claim_run`` refuses. A
-  reconnection within the session re-establishes leadership with a *new* epoch;
-  LOST (session expired) means contending again, and re-creating this instance's
+* **Connection states** (kazoo's): SUSPENDED means "the session may be gone":
+  ``claim_run`` refuses; other requests wait in kazoo's queue for the connection
+  (retried up to the session timeout). The leader stays leader: its writes are
+  fenced by the epoch, so none lands if the session expired and another peer leads.
+  A reconnection within the session goes on with the same epoch (the lock node is
+  still ours, so nobody else can have led): a ZooKeeper server's loss costs the
+  scheduler only the reconnection. LOST (session expired) revokes the leadership
+  and means contending again, and re-creating this instance's
   peer records; the heartbeats of the runs it had claimed are not re-created
   (those runs are lost: see ``executing_runs``).
 * **Callbacks** (run and trigger watches) run on one dispatch thread of this store,
@@ -100,6 +104,7 @@ from distcrond.coordination.zkwire import (
     PollHandler,
     add_watch_async,
     multi_read_async,
+    quick_handshakes,
     route_watch_events,
 )
 from distcrond.runs import (
@@ -140,9 +145,9 @@ _DRAIN_GATHER = 0.002  # seconds
 # Reconnection attempts (each a round over every server): when the ensemble's leader dies,
 # the others drop every client and re-elect (0.2-0.6 s); kazoo's default backoff (0.1 s,
 # doubling, and up to 1 s here before) reconnected the peers 0.4-0.7 s after the loss; this
-# one tries again every ~0.1 s (±40% jitter), so a peer is back within ~0.1 s of a server
-# serving again. A handful of refused connections a second costs the ensemble nothing.
-_CONNECTION_RETRY = {"max_tries": -1, "delay": 0.02, "backoff": 1.5, "max_delay": 0.1}
+# one tries again every ~0.05 s (±40% jitter), so a peer is back within ~0.07 s of a server
+# serving again. A few refused connections a second costs the ensemble nothing.
+_CONNECTION_RETRY = {"max_tries": -1, "delay": 0.02, "backoff": 1.5, "max_delay": 0.05}
 # An election event "resign:<epoch>": give that epoch's leadership up (``resign``).
 _RESIGN = "resign:"
 
@@ -289,6 +294,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         # Cursor (slot, znode version) as last read or written here; checked on every write.
         self._cursor_cache: dict[str, tuple[datetime, int]] = {}
         self._session_id: int | None = None
+        self._reconnected_at: datetime | None = None
         self._events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, args=(self._events,), name="zk-store-events", daemon=True
@@ -304,6 +310,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._upkeeper.start()
         client.add_listener(self._on_state)
         route_watch_events(client, self._on_watch_event)
+        if self._owns_client:
+            quick_handshakes(client)
         try:
             if not client.connected:
                 with warnings.catch_warnings():  # "No chroot path exists": created below
@@ -367,6 +375,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         return StoreStatus(ok=state == KazooState.CONNECTED, backend=self.backend, detail=detail)
 
     # -- membership ----------------------------------------------------------
+    def reconnected_at(self) -> datetime | None:
+        return self._reconnected_at
+
     def register_peer(self, peer: PeerInfo) -> None:
         """Publish (or update) a peer's ephemeral record, owned by this session.
 
@@ -542,7 +553,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     election.epoch = epoch
                 log.info("peer %s is leader (epoch %d)", election.peer_id, epoch)
                 _tell(election.listener.establish_leadership, epoch)
-                outcome = self._hold(election, node, epoch)
+                outcome = self._hold_through_suspensions(election, node, epoch)
                 self._revoke(election)
                 if outcome == "stop":
                     return True
@@ -551,8 +562,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     return False
                 if outcome in ("lost", "gone"):
                     return False
-            # Suspended: leadership is revoked until the connection comes back, in the
-            # same session (our lock node still ours: lead again, with a new epoch).
+            # Not connected, or connected again without telling whether the lock node is
+            # still ours: lead again (with a new epoch) once it is, in the same session.
             outcome = self._await_reconnection(election)
             if outcome == "stop":
                 return True
@@ -564,6 +575,40 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             except StoreUnavailable:
                 continue
         return True
+
+    def _hold_through_suspensions(self, election: _Election, node: str, epoch: int) -> str:
+        """Lead ``epoch`` until it ends: "stop", "resign", "lost", "gone", or "suspended"
+        (connected again, but our lock node could not be read).
+
+        A suspension does not end it. While the connection is down the scheduler's
+        writes fail (and are retried); every one of them is fenced by the epoch, so if
+        the session expired meanwhile and another peer leads, none lands. Connected again
+        in the same session, our lock node is still ours and nobody else can have led:
+        the term goes on, scheduler and all, with no new epoch to take.
+        """
+        while True:
+            outcome = self._hold(election, node, epoch)
+            if outcome != "suspended":
+                return outcome
+            log.warning(
+                "peer %s: ZooKeeper connection suspended while leading epoch %d; "
+                "still leader while the session lasts (every write is fenced)",
+                election.peer_id,
+                epoch,
+            )
+            outcome = self._await_reconnection(election, epoch)
+            if outcome != "connected":
+                return outcome
+            try:
+                if not self._node_is_ours(node):
+                    return "gone"
+            except StoreUnavailable:
+                return "suspended"
+            log.info(
+                "peer %s: reconnected in the same session; still leader (epoch %d)",
+                election.peer_id,
+                epoch,
+            )
 
     def _hold(self, election: _Election, node: str, epoch: int) -> str:
         """Wait while leader of ``epoch``: "stop", "resign", "suspended", "lost" or "gone"
@@ -589,13 +634,19 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     return "suspended"
                 self._watch_node(election, node)
 
-    def _await_reconnection(self, election: _Election) -> str:
+    def _await_reconnection(self, election: _Election, epoch: int | None = None) -> str:
+        """Wait for the connection: "connected", "stop", "lost", or (while leading
+        ``epoch``) "resign"."""
         while True:
             if self._client.state == KazooState.CONNECTED:
                 return "connected"
             event = self._next_event(election, timeout=None)
-            if event in ("stop", KazooState.LOST):
-                return "lost" if event == KazooState.LOST else "stop"
+            if event == "stop":
+                return "stop"
+            if event == KazooState.LOST:
+                return "lost"
+            if epoch is not None and event == f"{_RESIGN}{epoch}":
+                return "resign"
 
     def _next_event(self, election: _Election, timeout: float | None) -> str | None:
         try:
@@ -1846,6 +1897,8 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         if election is not None:
             election.events.put(state)
         if state == KazooState.CONNECTED:
+            if self._session_id is not None:  # not the first connection
+                self._reconnected_at = self._clock.now()
             self._upkeep.put(self._after_reconnection)
         elif state == KazooState.LOST:
             log.warning("ZooKeeper session lost: ephemeral nodes are gone")

@@ -236,6 +236,10 @@ class Scheduler:
                 self._triggers_dirty = False
                 self._take_triggers()
             self._dispatch_due()
+            # The slots that fell due while that write waited on the store (a ZooKeeper
+            # server's loss holds it until the reconnection) go out now, before the
+            # reconciliation reads every active run.
+            self._dispatch_due()
             self._maybe_reconcile()
             self._maybe_prune()
             self._last_pass = self._clock.monotonic()
@@ -627,7 +631,8 @@ class Scheduler:
         """Suspect the live peers that hold overdue runs (see suspects.py), and move those
         runs to a peer that is not suspected (they stay where they are if every peer is
         suspected). Updates ``records`` in place with the moved runs, and ``load``."""
-        late = [r for r in records if r.peer_id in live and overdue(r, now)]
+        since = self._coordination.reconnected_at()
+        late = [r for r in records if r.peer_id in live and overdue(r, now, since=since)]
         if not late:
             return
         for peer in self._suspects.suspect({r.peer_id for r in late if r.peer_id}):

@@ -11,7 +11,9 @@ and the whole cluster runs nearly nothing (the chaos suite's follower pause).
 So the leader suspects a peer that holds an assigned run more than
 ``overdue`` after it was due (its slot, or when it was recorded, if later: a
 caught-up slot is due when recorded) and not claimed: a live executor claims
-a due run within milliseconds. A suspect gets no new runs for ``hold`` seconds,
+a due run within milliseconds. A run is not overdue for the time the leader itself
+could not reach the store (``CoordinationStore.reconnected_at``): a ZooKeeper
+server's loss cuts every peer off at once. A suspect gets no new runs for ``hold`` seconds,
 and its overdue runs move to another peer (a compare-and-set on the run's
 record: if it claims the run meanwhile, the move fails, and if the move wins,
 its late claim fails, so a run never starts twice). After ``hold`` it gets
@@ -30,11 +32,18 @@ OVERDUE = timedelta(seconds=1)
 HOLD_S = 5.0
 
 
-def overdue(record: RunRecord, now: datetime, after: timedelta = OVERDUE) -> bool:
-    """Whether ``record`` is assigned and not claimed ``after`` past when it was due."""
+def overdue(
+    record: RunRecord,
+    now: datetime,
+    after: timedelta = OVERDUE,
+    since: datetime | None = None,
+) -> bool:
+    """Whether ``record`` is assigned and not claimed ``after`` past when it was due, or
+    past ``since`` if later (when the leader's connection to the store came back: a loss
+    of a ZooKeeper server cuts every peer off at once, and none of them is to blame)."""
     if record.state is not RunState.ASSIGNED:
         return False
-    due = max(record.slot, record.created_at or record.slot)
+    due = max(record.slot, record.created_at or record.slot, since or record.slot)
     return now - due > after
 
 
