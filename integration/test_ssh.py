@@ -33,12 +33,8 @@ pytestmark = pytest.mark.timeout(120)
 NASTY = ["it's", 'say "hi"', "a; touch /tmp/distcron-pwned", "$(id)", "`id`", "two\nlines", "", "*"]
 
 
-def node_file(host: SSHHost, roles: list[str] | None = None, **options: Any) -> dict[str, Any]:
-    return host.node_file(roles, **options)
-
-
 def node(host: SSHHost, node_id: str = "n1", **options: Any) -> NodeSpec:
-    return NodeSpec.model_validate({"id": node_id, **node_file(host, **options)})
+    return NodeSpec.model_validate({"id": node_id, **host.node_file(**options)})
 
 
 def request(spec: NodeSpec, *argv: str, **fields: Any) -> RunRequest:
@@ -215,7 +211,7 @@ def ssh_peer(make_peer, ssh_hosts: list[SSHHost]) -> Peer:  # type: ignore[no-un
     """A standalone peer with three SSH nodes: ssh-1 (web), ssh-2 and ssh-3 (web, db)."""
     p: Peer = make_peer()
     for i, host in enumerate(ssh_hosts, 1):
-        p.write_node(f"ssh-{i}", node_file(host, roles=["web"] if i == 1 else ["web", "db"]))
+        p.write_node(f"ssh-{i}", host.node_file(["web"] if i == 1 else ["web", "db"]))
     return p
 
 
@@ -288,7 +284,7 @@ def test_a_cluster_runs_ssh_jobs_through_a_leader_failover_without_a_double_run(
     cluster = Cluster(tmp_path / "cluster", zk_hosts, session_timeout=2.0)
     try:
         for i, host in enumerate(ssh_hosts, 1):
-            cluster.write_node(f"ssh-{i}", node_file(host))
+            cluster.write_node(f"ssh-{i}", host.node_file())
         cluster.write_job(
             "remote",
             {

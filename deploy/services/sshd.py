@@ -281,9 +281,10 @@ class SSHHost:
 
     def node_file(self, roles: list[str] | None = None, **options: Any) -> dict[str, Any]:
         """A distcrond node file (as JSON data) for this host: SSH as this user, with the
-        client key and known_hosts; ``options`` go into its ``connection_options``."""
+        client key and known_hosts (roles: ``worker`` unless given); ``options`` go into
+        its ``connection_options``."""
         return {
-            "roles": roles or ["worker"],
+            "roles": ["worker"] if roles is None else roles,
             "connection_type": "ssh",
             "connection_options": {
                 "ssh_user": self.user,

@@ -235,11 +235,13 @@ class Scheduler:
             if self._triggers_dirty:
                 self._triggers_dirty = False
                 self._take_triggers()
+            started = self._clock.monotonic()
             self._dispatch_due()
-            # The slots that fell due while that write waited on the store (a ZooKeeper
-            # server's loss holds it until the reconnection) go out now, before the
-            # reconciliation reads every active run.
-            self._dispatch_due()
+            if self._clock.monotonic() - started > PASS_SPAN.total_seconds():
+                # Its write waited on the store (a ZooKeeper server's loss holds it until
+                # the reconnection): the slots that fell due meanwhile go out now, before
+                # the reconciliation reads every active run.
+                self._dispatch_due()
             self._maybe_reconcile()
             self._maybe_prune()
             self._last_pass = self._clock.monotonic()

@@ -42,9 +42,7 @@ PORT = int(os.environ.get("BENCH_SSH_PORT", "2522"))
 
 
 def node_spec(host: SSHHost) -> NodeSpec:
-    return NodeSpec.model_validate(
-        {"id": "bench", **host.node_file(max_concurrent_runs=64)} | {"roles": []}
-    )
+    return NodeSpec.model_validate({"id": "bench", **host.node_file([], max_concurrent_runs=64)})
 
 
 def runner_call(runner: SSHRunner, spec: NodeSpec) -> Callable[[], bool]:

@@ -58,11 +58,6 @@ class Workload:
         return found
 
 
-def ssh_node(host: SSHHost) -> dict[str, Any]:
-    """An SSH node file for one of our sshd hosts."""
-    return host.node_file([REMOTE_ROLE])
-
-
 def make_workload(ledger: Path, ssh_hosts: list[SSHHost]) -> Workload:
     """30 jobs: 12 fuzzy and 10 burst local ones (3 of them at least once), 4 on the SSH
     nodes (one at least once), one ``hosts: all`` on every node, 3 more fuzzy local ones."""
@@ -89,6 +84,6 @@ def make_workload(ledger: Path, ssh_hosts: list[SSHHost]) -> Workload:
 def install(workload: Workload, cluster: Cluster, ssh_hosts: list[SSHHost]) -> None:
     """Write the SSH node files and the job files to every peer."""
     for n, host in enumerate(ssh_hosts):
-        cluster.write_node(f"ssh-{chr(ord('a') + n)}", ssh_node(host))
+        cluster.write_node(f"ssh-{chr(ord('a') + n)}", host.node_file([REMOTE_ROLE]))
     for job_id, spec in workload.jobs.items():
         cluster.write_job(job_id, spec)
