@@ -40,7 +40,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import EXCEPTIONS
+from kazoo.exceptions import (
+    EXCEPTIONS,
+    ConnectionLoss,
+    OperationTimeoutError,
+    RolledBackError,
+    RuntimeInconsistency,
+    SessionExpiredError,
+)
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import (
@@ -161,6 +168,21 @@ def _send(client: KazooClient, request: MultiRead | AddWatch) -> Any:
     result = client.handler.async_result()
     client._call(request, result)
     return result
+
+
+# Transient failures: retried (the connection comes back, or a new session starts).
+RETRYABLE = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
+
+
+def transaction_failure(results: Sequence[Any]) -> tuple[int, Exception] | None:
+    """The operation that made a transaction fail, and its error; None if it committed
+    (kazoo's ``commit`` does not raise: a failed check comes back in the results)."""
+    for index, result in enumerate(results):
+        if isinstance(result, Exception) and not isinstance(
+            result, RolledBackError | RuntimeInconsistency
+        ):
+            return index, result
+    return None
 
 
 HANDSHAKE_FIRST_WAIT = 0.2  # seconds; see quick_handshakes

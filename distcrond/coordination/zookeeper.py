@@ -59,22 +59,15 @@ from typing import Any, TypeVar
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
     BadVersionError,
-    CancelledError,
     ConnectionClosedError,
-    ConnectionLoss,
     KazooException,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
-    OperationTimeoutError,
-    RolledBackError,
-    RuntimeInconsistency,
-    SessionExpiredError,
     UnimplementedError,
 )
 from kazoo.protocol.serialization import GetChildren, GetData
 from kazoo.protocol.states import KazooState
-from kazoo.recipe.lock import Lock
 from kazoo.security import make_digest_acl
 
 from distcrond.clock import Clock
@@ -97,15 +90,18 @@ from distcrond.coordination.base import (
     finish_change,
     update_change,
 )
+from distcrond.coordination.zkelection import CAS_ATTEMPTS, StoreCalls, ZooKeeperElection
 from distcrond.coordination.zkpaths import ZKPaths
 from distcrond.coordination.zkwire import (
     NODE_CREATED,
     NODE_DELETED,
+    RETRYABLE,
     PollHandler,
     add_watch_async,
     multi_read_async,
     quick_handshakes,
     route_watch_events,
+    transaction_failure,
 )
 from distcrond.runs import (
     ACTIVE_STATES,
@@ -127,10 +123,6 @@ _CANCEL = "cancel"
 # snapshots are compressed; beyond that the server refuses the write.
 _COMPRESS_ABOVE = 512 * 1024
 _ZLIB_PREFIX = b"zlib:"
-# Transient failures: retried (the connection comes back, or a new session starts).
-_RETRYABLE = (ConnectionLoss, OperationTimeoutError, SessionExpiredError)
-# Attempts of one compare-and-set loop before giving up (contention, not outages).
-_CAS_ATTEMPTS = 50
 # Runs claimed or finished in one transaction at most (each adds two to four operations
 # and up to ~1 KB to it).
 _BATCH = 100
@@ -148,8 +140,6 @@ _DRAIN_GATHER = 0.002  # seconds
 # one tries again every ~0.05 s (±40% jitter), so a peer is back within ~0.07 s of a server
 # serving again. A few refused connections a second costs the ensemble nothing.
 _CONNECTION_RETRY = {"max_tries": -1, "delay": 0.02, "backoff": 1.5, "max_delay": 0.05}
-# An election event "resign:<epoch>": give that epoch's leadership up (``resign``).
-_RESIGN = "resign:"
 
 
 def _encode(record: RunRecord) -> bytes:
@@ -180,16 +170,6 @@ def _sort_key(record: RunRecord) -> tuple[datetime, str]:
     return (record.slot, record.run_id)
 
 
-def _failure(results: Sequence[Any]) -> tuple[int, Exception] | None:
-    """The operation that made a transaction fail, and its error; None if it committed."""
-    for index, result in enumerate(results):
-        if isinstance(result, Exception) and not isinstance(
-            result, RolledBackError | RuntimeInconsistency
-        ):
-            return index, result
-    return None
-
-
 def _events(record: RunRecord, peer_id: str) -> list[tuple[str, str]]:
     """The watcher events ``record`` represents for ``peer_id``."""
     if record.peer_id != peer_id or record.state.terminal:
@@ -214,19 +194,6 @@ class _RunWatcher:
     departed: set[str] = field(default_factory=set)
     draining: bool = False
     listing: list[tuple[str, bool]] | None = None
-
-
-@dataclass
-class _Election:
-    peer_id: str
-    listener: LeadershipListener
-    events: queue.SimpleQueue[str] = field(default_factory=queue.SimpleQueue)
-    stop: threading.Event = field(default_factory=threading.Event)
-    mutex: threading.Lock = field(default_factory=threading.Lock)
-    lock: Lock | None = None
-    node: str | None = None  # full path of our lock node while we hold the lock
-    epoch: int | None = None  # set while leader (listener told establish, not revoke)
-    thread: threading.Thread | None = None
 
 
 class ZooKeeperCoordinationStore(CoordinationStore):
@@ -276,8 +243,6 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._client = client
         self._lock = threading.Lock()  # guards the state below, never held over I/O
         self._closed = False
-        self._election: _Election | None = None
-        self._revoked_epochs: set[int] = set()
         self._run_watchers: list[_RunWatcher] = []
         self._own_peers: dict[str, PeerInfo] = {}
         self._heartbeats: set[str] = set()  # runs claimed here and not finished
@@ -295,6 +260,10 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         self._cursor_cache: dict[str, tuple[datetime, int]] = {}
         self._session_id: int | None = None
         self._reconnected_at: datetime | None = None
+        calls = StoreCalls(self._retry, self._wait, self._get, self._delete, self._current_session)
+        self._election = ZooKeeperElection(
+            client, self._paths, self._clock, self._op_timeout, calls
+        )
         self._events: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, args=(self._events,), name="zk-store-events", daemon=True
@@ -341,7 +310,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             if self._closed:
                 return
         with contextlib.suppress(StoreUnavailable):
-            self.stop_election()
+            self._election.close()
         with self._lock:
             self._closed = True
             peers = list(self._own_peers)
@@ -405,48 +374,21 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
     # -- leadership ----------------------------------------------------------
     def start_election(self, peer_id: str, listener: LeadershipListener) -> None:
-        """Contend for leadership (kazoo's Lock recipe on ``/election``) on a thread of
-        this store's; ``listener`` hears ``establish_leadership(epoch)`` and
-        ``revoke_leadership()`` on that election thread. RuntimeError if already standing.
-        """
-        with self._lock:
-            if self._closed:
-                raise StoreUnavailable("the store is closed")
-            if self._election is not None:
-                raise RuntimeError("already standing for election; call stop_election first")
-            election = _Election(peer_id, listener)
-            self._election = election
-        election.thread = threading.Thread(
-            target=self._run_election, args=(election,), name=f"zk-election:{peer_id}", daemon=True
-        )
-        election.thread.start()
+        """Contend for leadership on a thread of the election's (see zkelection.py);
+        ``listener`` hears ``establish_leadership(epoch)`` and ``revoke_leadership()``
+        on that thread. RuntimeError if already standing."""
+        self._election.start_election(peer_id, listener)
 
     def stop_election(self) -> None:
         """Withdraw: the lock node is deleted at once (the next contender takes over),
         then the listener is told ``revoke_leadership`` if this peer was leader.
         A no-op when not standing."""
-        with self._lock:
-            election, self._election = self._election, None
-        if election is None:
-            return
-        with election.mutex:
-            election.stop.set()
-            if election.lock is not None:
-                election.lock.cancel()
-        election.events.put("stop")
-        thread = election.thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=self._op_timeout + 5)
-        self._revoke(election)  # in case the thread could not (it is stuck on I/O)
+        self._election.stop_election()
 
     def resign(self, epoch: int) -> None:
-        """Ask the election thread to hand the leadership of ``epoch`` over (if it still
-        holds it): it deletes its lock node, tells the listener, and contends again."""
-        with self._lock:
-            election = self._election
-        if election is not None:
-            log.warning("peer %s resigns leadership (epoch %d)", election.peer_id, epoch)
-            election.events.put(f"{_RESIGN}{epoch}")
+        """Hand the leadership of ``epoch`` over (if this peer still holds it), and
+        contend again."""
+        self._election.resign(epoch)
 
     def publish_scheduler_pass(self, status: SchedulerPass) -> None:
         """One asynchronous set of ``/scheduler`` (not waited for: a pass never waits on it)."""
@@ -495,243 +437,6 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
         return self._retry(read)
 
-    def _run_election(self, election: _Election) -> None:
-        """The election thread: contend, lead, and contend again after a session loss."""
-        try:
-            while not election.stop.is_set():
-                if self._client.state != KazooState.CONNECTED:
-                    self._next_event(election, timeout=0.5)
-                    continue
-                lock = self._client.Lock(self._paths.election, identifier=election.peer_id)
-                with election.mutex:
-                    if election.stop.is_set():
-                        break
-                    election.lock = lock
-                try:
-                    acquired = lock.acquire()
-                except CancelledError:
-                    break
-                except KazooException as exc:
-                    log.warning("election: could not contend (%r); trying again", exc)
-                    election.stop.wait(0.2)
-                    continue
-                if not acquired:
-                    continue
-                election.node = f"{self._paths.election}/{lock.node}"
-                if self._lead(election):
-                    break
-                election.node = None  # lost with the session: contend again
-        except Exception:
-            log.exception("election thread failed")
-        finally:
-            self._revoke(election)
-            self._abdicate(election)
-
-    def _lead(self, election: _Election) -> bool:
-        """Hold leadership until it ends; True when it ended by ``stop_election``."""
-        node = election.node
-        assert node is not None
-        while not election.stop.is_set():
-            while True:  # events from before this (re)establishment say nothing now
-                try:
-                    if election.events.get_nowait() == "stop":
-                        return True
-                except queue.Empty:
-                    break
-            epoch: int | None = None
-            if self._client.state == KazooState.CONNECTED:
-                try:
-                    epoch = self._take_epoch(election, node)
-                except StoreUnavailable as exc:
-                    log.warning("election: could not take an epoch (%s)", exc)
-                else:
-                    if epoch is None:
-                        log.warning("election: lock node %s is gone; contending again", node)
-                        return False
-            if epoch is not None:
-                with self._lock:
-                    election.epoch = epoch
-                log.info("peer %s is leader (epoch %d)", election.peer_id, epoch)
-                _tell(election.listener.establish_leadership, epoch)
-                outcome = self._hold_through_suspensions(election, node, epoch)
-                self._revoke(election)
-                if outcome == "stop":
-                    return True
-                if outcome == "resign":  # hand over at once, and contend again behind the others
-                    self._abdicate(election)
-                    return False
-                if outcome in ("lost", "gone"):
-                    return False
-            # Not connected, or connected again without telling whether the lock node is
-            # still ours: lead again (with a new epoch) once it is, in the same session.
-            outcome = self._await_reconnection(election)
-            if outcome == "stop":
-                return True
-            if outcome == "lost":
-                return False
-            try:
-                if not self._node_is_ours(node):
-                    return False
-            except StoreUnavailable:
-                continue
-        return True
-
-    def _hold_through_suspensions(self, election: _Election, node: str, epoch: int) -> str:
-        """Lead ``epoch`` until it ends: "stop", "resign", "lost", "gone", or "suspended"
-        (connected again, but our lock node could not be read).
-
-        A suspension does not end it. While the connection is down the scheduler's
-        writes fail (and are retried); every one of them is fenced by the epoch, so if
-        the session expired meanwhile and another peer leads, none lands. Connected again
-        in the same session, our lock node is still ours and nobody else can have led:
-        the term goes on, scheduler and all, with no new epoch to take.
-        """
-        while True:
-            outcome = self._hold(election, node, epoch)
-            if outcome != "suspended":
-                return outcome
-            log.warning(
-                "peer %s: ZooKeeper connection suspended while leading epoch %d; "
-                "still leader while the session lasts (every write is fenced)",
-                election.peer_id,
-                epoch,
-            )
-            outcome = self._await_reconnection(election, epoch)
-            if outcome != "connected":
-                return outcome
-            try:
-                if not self._node_is_ours(node):
-                    return "gone"
-            except StoreUnavailable:
-                return "suspended"
-            log.info(
-                "peer %s: reconnected in the same session; still leader (epoch %d)",
-                election.peer_id,
-                epoch,
-            )
-
-    def _hold(self, election: _Election, node: str, epoch: int) -> str:
-        """Wait while leader of ``epoch``: "stop", "resign", "suspended", "lost" or "gone"
-        (our lock node vanished)."""
-        self._watch_node(election, node)
-        if self._client.state != KazooState.CONNECTED:
-            return "suspended"
-        while True:
-            event = election.events.get()
-            if event == "stop":
-                return "stop"
-            if event == f"{_RESIGN}{epoch}":
-                return "resign"
-            if event == KazooState.SUSPENDED:
-                return "suspended"
-            if event == KazooState.LOST:
-                return "lost"
-            if event == "node":
-                try:
-                    if not self._node_is_ours(node):
-                        return "gone"
-                except StoreUnavailable:
-                    return "suspended"
-                self._watch_node(election, node)
-
-    def _await_reconnection(self, election: _Election, epoch: int | None = None) -> str:
-        """Wait for the connection: "connected", "stop", "lost", or (while leading
-        ``epoch``) "resign"."""
-        while True:
-            if self._client.state == KazooState.CONNECTED:
-                return "connected"
-            event = self._next_event(election, timeout=None)
-            if event == "stop":
-                return "stop"
-            if event == KazooState.LOST:
-                return "lost"
-            if epoch is not None and event == f"{_RESIGN}{epoch}":
-                return "resign"
-
-    def _next_event(self, election: _Election, timeout: float | None) -> str | None:
-        try:
-            return election.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _watch_node(self, election: _Election, node: str) -> None:
-        with contextlib.suppress(Exception):
-            self._client.exists_async(node, watch=lambda _event: election.events.put("node"))
-
-    def _node_is_ours(self, node: str) -> bool:
-        try:
-            stat = self._wait(self._client.exists_async(node))
-        except _RETRYABLE as exc:
-            raise StoreUnavailable(f"ZooKeeper: {exc!r}") from exc
-        return stat is not None and stat.ephemeralOwner == self._current_session()
-
-    def _take_epoch(self, election: _Election, node: str) -> int | None:
-        """Bump /epoch and rewrite /leader, if we still hold ``node``: the new epoch, or None."""
-
-        def attempt(lost: bool) -> int | None:
-            for _ in range(_CAS_ATTEMPTS):
-                got = self._get(self._paths.epoch)
-                if got is None:
-                    raise StoreUnavailable(f"{self._paths.epoch} is missing")
-                version = got[1].version
-                if lost:  # did the attempt whose reply was lost commit?
-                    leader = self._get(self._paths.leader)
-                    if leader is not None and leader[0]:
-                        data = json.loads(leader[0])
-                        if data.get("node") == node and data.get("epoch") == version:
-                            return version
-                info = {
-                    "peer_id": election.peer_id,
-                    "epoch": version + 1,
-                    "since": format_slot(self._clock.now()),
-                    "node": node,
-                }
-                txn = self._client.transaction()
-                txn.check(node, 0)
-                txn.set_data(self._paths.epoch, b"", version=version)
-                txn.set_data(self._paths.leader, json.dumps(info).encode())
-                failed = _failure(self._wait(txn.commit_async()))
-                if failed is None:
-                    return version + 1
-                if failed[0] == 0:
-                    return None  # our lock node is gone (or was never ours)
-                if not isinstance(failed[1], BadVersionError):
-                    raise StoreUnavailable(f"taking an epoch failed: {failed[1]!r}")
-            raise StoreUnavailable("taking an epoch: too much contention")
-
-        return self._retry(attempt)
-
-    def _revoke(self, election: _Election) -> None:
-        """Tell the listener leadership ended (once per establish) and fence that epoch here."""
-        with self._lock:
-            epoch, election.epoch = election.epoch, None
-            if epoch is not None:
-                self._revoked_epochs.add(epoch)
-        if epoch is not None:
-            log.info("peer %s: leadership of epoch %d ends", election.peer_id, epoch)
-            _tell(election.listener.revoke_leadership)
-
-    def _abdicate(self, election: _Election) -> None:
-        """Delete our lock node (the handover) and clear /leader if it still names us."""
-        with election.mutex:
-            lock, election.lock = election.lock, None
-        node, election.node = election.node, None
-        if lock is not None:
-            with contextlib.suppress(Exception):
-                lock.cancel()
-        if node is None:
-            return
-        with contextlib.suppress(StoreUnavailable, KazooException):
-            self._retry(lambda _lost: self._delete(node))
-        with contextlib.suppress(Exception):
-            if lock is not None:
-                lock.is_acquired = False  # the node is deleted: nothing left to release
-                lock.node = None
-        with contextlib.suppress(StoreUnavailable, KazooException):
-            got = self._get(self._paths.leader)
-            if got is not None and got[0] and json.loads(got[0]).get("node") == node:
-                self._wait(self._client.set_async(self._paths.leader, b"", version=got[1].version))
-
     # -- run records ---------------------------------------------------------
     def record_runs(
         self,
@@ -770,7 +475,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     for r, got in zip(maybe, found, strict=True)
                     if got is not None and got[0] == payloads[r.run_id]
                 }
-            for _ in range(_CAS_ATTEMPTS):
+            for _ in range(CAS_ATTEMPTS):
                 node = self._fence_node(epoch)
                 new = [r for r in wanted if r.run_id not in existing]
                 current = self._cursor_versions(list(cursors))
@@ -807,7 +512,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     txn = self._client.transaction()
                     txn.check(self._paths.epoch, epoch)
                     txn.check(node, 0)
-                failed = _failure(self._wait(txn.commit_async()))
+                failed = transaction_failure(self._wait(txn.commit_async()))
                 if failed is None:
                     with self._lock:
                         self._cursor_cache.update(moved)
@@ -857,12 +562,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
     def _fence_node(self, epoch: int) -> str:
         """The lock node of the leader of ``epoch``; FencedOut when it is not the leader's."""
-        with self._lock:
-            if epoch in self._revoked_epochs:
-                raise FencedOut(f"epoch {epoch} was revoked")
-            election = self._election
-            if election is not None and election.epoch == epoch and election.node is not None:
-                return election.node
+        node = self._election.fence_node(epoch)
+        if node is not None:
+            return node
         got = self._get(self._paths.leader)
         data = json.loads(got[0]) if got is not None and got[0] else None
         if data is None or data.get("epoch") != epoch:
@@ -995,7 +697,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 for operation in operations:
                     operation(txn)
                     owners.append(run_id)
-            failed = _failure(self._wait(txn.commit_async()))
+            failed = transaction_failure(self._wait(txn.commit_async()))
             if failed is None:
                 return set(pending), left
             index = failed[0]
@@ -1023,7 +725,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
         def attempt(lost: bool) -> RunRecord | None:
             remembered = None if lost else self._recall_version(run_id)
-            for _ in range(_CAS_ATTEMPTS):
+            for _ in range(CAS_ATTEMPTS):
                 fresh = remembered is None
                 current, remembered = remembered or self._read_record(path), None
                 if current is None:
@@ -1039,7 +741,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 txn = self._client.transaction()
                 txn.set_data(path, _encode(claimed), version=version)
                 txn.create(heartbeat, b"", self._acl, ephemeral=True)
-                failed = _failure(self._wait(txn.commit_async()))
+                failed = transaction_failure(self._wait(txn.commit_async()))
                 if failed is None:
                     self._remember_version(claimed, version + 1)
                     return claimed
@@ -1264,7 +966,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             # commit, ``change`` sees its own result (finished, cancelled...) and is a no-op.
             skip_delete: set[str] = set()
             remembered = None if lost else self._recall_version(run_id)
-            for _ in range(_CAS_ATTEMPTS):
+            for _ in range(CAS_ATTEMPTS):
                 fresh = remembered is None
                 current, remembered = remembered or self._read_record(path), None
                 if current is None:
@@ -1290,7 +992,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                     txn.delete(index_path)
                 for index_path in creates:
                     txn.create(index_path, b"", self._acl)
-                failed = _failure(self._wait(txn.commit_async()))
+                failed = transaction_failure(self._wait(txn.commit_async()))
                 if failed is None:
                     self._remember_version(updated, version + 1)
                     return updated, existing
@@ -1729,7 +1431,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         while True:
             try:
                 return call(lost)
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 lost = True
                 if self._closed or time.monotonic() + delay > deadline:
                     raise StoreUnavailable(f"ZooKeeper {self._hosts}: {exc!r}") from exc
@@ -1813,7 +1515,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 
     def _put_ephemeral(self, path: str, data: bytes) -> None:
         """Create (or update) an ephemeral node owned by this session."""
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in range(CAS_ATTEMPTS):
             try:
                 self._wait(self._client.create_async(path, data, self._acl, ephemeral=True))
                 return
@@ -1893,9 +1595,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
         with self._lock:
             if self._closed:
                 return True  # remove this listener
-            election = self._election
-        if election is not None:
-            election.events.put(state)
+        self._election.on_state(state)
         if state == KazooState.CONNECTED:
             if self._session_id is not None:  # not the first connection
                 self._reconnected_at = self._clock.now()
@@ -1955,14 +1655,6 @@ class ZooKeeperCoordinationStore(CoordinationStore):
 def _server_time(stat: Any) -> datetime:
     """When a znode was last written, by the clock of the ensemble's leader server."""
     return datetime.fromtimestamp(stat.mtime / 1000, UTC)
-
-
-def _tell(call: Callable[..., None], *args: Any) -> None:
-    """Tell the leadership listener, on the election thread (its methods never block)."""
-    try:
-        call(*args)
-    except Exception:
-        log.exception("the leadership listener failed")
 
 
 def _peer_data(peer: PeerInfo) -> bytes:
