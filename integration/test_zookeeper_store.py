@@ -253,6 +253,32 @@ def test_a_leader_reconnected_in_its_session_keeps_its_epoch_and_is_never_revoke
     assert [kind for kind, _ in listener.events] == ["establish"]
 
 
+def test_wait_connected_follows_the_connection(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    """The scheduler starts no pass while the connection is away (wait_connected False),
+    and starts one as soon as it is back."""
+    store, client = make_store()
+    assert store.wait_connected(0)
+    away = threading.Event()
+    back = threading.Event()
+
+    def states(state: str) -> None:
+        if state == KazooState.SUSPENDED:
+            away.set()
+        elif away.is_set() and state == KazooState.CONNECTED:
+            back.set()
+
+    client.add_listener(states)
+    store._on_state(KazooState.SUSPENDED)  # what kazoo tells its listeners on a drop
+    began = time.monotonic()
+    assert not store.wait_connected(0.2)
+    assert time.monotonic() - began >= 0.2  # it waited, for nothing
+    drop_connection(client)  # a real drop: suspended, then connected again
+    eventually(back.is_set, what="SUSPENDED, then CONNECTED again")
+    assert store.wait_connected(5)
+
+
 def test_a_watch_callback_that_blocks_delays_no_change_of_leader(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:

@@ -19,7 +19,13 @@ from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.base import RunQuery
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, Trigger, run_id_for
-from distcrond.scheduling.scheduler import HOLD_POLL, LOOKAHEAD, PASS_SPAN, Scheduler
+from distcrond.scheduling.scheduler import (
+    HOLD_POLL,
+    LOOKAHEAD,
+    PASS_SPAN,
+    STORE_WAIT_S,
+    Scheduler,
+)
 from distcrond.scheduling.schedules import fuzzy_offset, next_slot
 
 T0 = datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
@@ -155,6 +161,37 @@ def test_slots_that_fell_due_while_a_write_waited_go_out_in_the_same_pass(
     monkeypatch.setattr(h.coordination, "record_runs", held)
     h.at(1.0)
     assert [r.slot for r in h.records()] == [T0 + timedelta(seconds=s) for s in (1, 2)]
+
+
+def test_no_pass_starts_while_the_store_is_away_and_the_first_one_after_takes_every_due_slot(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass begun while the store's connection is away would wait in the client, and
+    the slots due meanwhile would need a second write after it: no pass starts then,
+    and the one at the reconnection records them all in one write."""
+    h.set_jobs(make_job("tick"), make_job("tock"))
+    h.lead()
+    h.at(0)
+    record_runs = h.coordination.record_runs
+    writes: list[list[str]] = []
+
+    def counted(epoch: int, runs: Any, *args: Any, **kwargs: Any) -> list[RunRecord]:
+        writes.append(sorted(r.run_id for r in runs))
+        return record_runs(epoch, runs, *args, **kwargs)
+
+    monkeypatch.setattr(h.coordination, "record_runs", counted)
+    waits: list[float] = []
+    monkeypatch.setattr(h.coordination, "wait_connected", lambda t: waits.append(t) or False)
+    passes = h.scheduler.last_pass
+    h.at(0.97)
+    h.at(1.2)
+    assert writes == [] and waits == [STORE_WAIT_S, STORE_WAIT_S]
+    assert h.scheduler.last_pass == passes  # no pass ran: its age says so
+    monkeypatch.setattr(h.coordination, "wait_connected", lambda t: True)
+    h.at(1.6)
+    assert writes == [
+        sorted(run_id_for(job, T0 + timedelta(seconds=1)) for job in ("tick", "tock"))
+    ]
 
 
 def test_forbid_skips_a_slot_while_the_previous_run_is_active(h: Harness) -> None:

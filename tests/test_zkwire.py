@@ -21,7 +21,7 @@ from distcrond.coordination.zkwire import (
     AddWatch,
     MultiRead,
     PollHandler,
-    quick_handshakes,
+    quick_reconnects,
     route_watch_events,
 )
 
@@ -176,7 +176,7 @@ def test_watch_events_are_routed_then_handed_to_kazoo():
 def test_a_server_that_accepts_but_never_answers_is_given_up_quickly_then_more_patiently():
     """A ZooKeeper server that is starting accepts connections before it answers them.
     kazoo would wait for its handshake the whole session timeout (one server); with
-    quick_handshakes it tries again after 0.2 s, then 0.4 s, then 0.8 s..."""
+    quick_reconnects it tries again after 0.2 s, then 0.4 s, then 0.8 s..."""
     silent = socket.create_server(("127.0.0.1", 0))
     accepted: list[float] = []
     kept: list[socket.socket] = []
@@ -195,7 +195,7 @@ def test_a_server_that_accepts_but_never_answers_is_given_up_quickly_then_more_p
         timeout=4.0,
         connection_retry={"max_tries": -1, "delay": 0.01, "backoff": 1, "max_jitter": 0},
     )
-    quick_handshakes(client)
+    quick_reconnects(client)
     try:
         with pytest.raises(client.handler.timeout_exception):
             client.start(timeout=2.0)
@@ -210,3 +210,38 @@ def test_a_server_that_accepts_but_never_answers_is_given_up_quickly_then_more_p
     assert len(gaps) >= 2, f"handshakes tried: {len(accepted)} (kazoo alone: one, for 4 s)"
     assert 0.15 < gaps[0] < 0.4, gaps
     assert 0.35 < gaps[1] < 0.7, gaps
+
+
+def test_a_server_that_drops_connection_requests_is_given_up_quickly_then_more_patiently():
+    """A server whose backlog is full (a stopping one), or whose machine is gone, answers
+    no SYN: kazoo would wait for the TCP connection the whole session timeout (and the
+    kernel sends its second SYN only after 1 s); with quick_reconnects the connect gives
+    up after 0.2 s, then 0.4 s, and starts at 0.2 s again after one that succeeds."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)  # one connection fills its queue; it is never accepted
+    queued = socket.create_connection(full.getsockname(), timeout=1.0)
+    open_server = socket.create_server(("127.0.0.1", 0))
+    client = KazooClient(hosts="127.0.0.1:1", timeout=4.0)
+    quick_reconnects(client)
+    connected: list[socket.socket] = []
+
+    def give_up_after() -> float:
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            client.handler.create_connection(address=full.getsockname(), timeout=4.0)
+        return time.monotonic() - began
+
+    try:
+        first, second = give_up_after(), give_up_after()
+        connected.append(
+            client.handler.create_connection(address=open_server.getsockname(), timeout=4.0)
+        )
+        after_success = give_up_after()
+    finally:
+        for sock in (*connected, queued, full, open_server):
+            sock.close()
+        client.close()
+    assert 0.15 < first < 0.35, first
+    assert 0.35 < second < 0.6, second
+    assert 0.15 < after_success < 0.35, after_success

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -56,6 +57,8 @@ GC = ("-XX:+UseZGC", "-XX:ConcGCThreads=1")
 # rolling restart) made elections take 0.8-0.9 s instead of 0.2. Starting at 50 ms, such
 # an election ends ~0.4 s sooner; a distcrond cluster is idle for the whole election.
 ELECTION = ("-Dzookeeper.fastleader.minNotificationInterval=50",)
+INIT_LIMIT_MS = 5000  # initLimit and syncLimit, whatever the tick
+SYNC_LIMIT_MS = 2500
 DEFAULT_BASE_PORT = 2181
 PEER_PORT_BASE = 2888
 ELECTION_PORT_BASE = 3888
@@ -232,8 +235,8 @@ class Ensemble:
             lines = [
                 f"tickTime={self.tick_ms}",
                 # In ticks: 5 s to sync with the leader on start, 2.5 s to stay in sync.
-                "initLimit=10",
-                "syncLimit=5",
+                f"initLimit={math.ceil(INIT_LIMIT_MS / self.tick_ms)}",
+                f"syncLimit={math.ceil(SYNC_LIMIT_MS / self.tick_ms)}",
                 f"dataDir={data}",
                 f"clientPort={self.client_port(n)}",
                 "clientPortAddress=127.0.0.1",

@@ -310,6 +310,11 @@ class CoordinationStore(ABC):
     def status(self) -> StoreStatus:
         """Whether the store answers now."""
 
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the store's connection; whether it is up.
+        A store without a connection to lose (SQLite) is always up."""
+        return True
+
     def reconnected_at(self) -> datetime | None:
         """When this instance's connection last came back (wall clock), None if it never
         went. Until then no peer could claim a run, so no run is overdue on a peer for

@@ -18,14 +18,17 @@
   ``poll`` a request costs the client half the CPU (72 instead of 140 µs per pipelined
   ``get`` on this project's 2-core machine).
 
-- :func:`quick_handshakes`: a short wait for a server's answer to the session
-  handshake. A ZooKeeper server that is starting listens on its client port ~0.4 s
-  before it answers anything (it loads its snapshot meanwhile); kazoo waits for the
-  handshake up to session timeout / number of servers (1.3 s for 4 s and three), so
-  a client that tried that server during a rolling restart came back ~0.5 s after
-  the others. The first handshake after a drop waits 0.2 s, each one that times out
-  doubles the wait up to kazoo's, and a handshake that succeeds resets it: a slow
-  ensemble costs a few tries, never the connection.
+- :func:`quick_reconnects`: short waits for a server while reconnecting. A ZooKeeper
+  server that is starting listens on its client port ~0.4 s before it answers
+  anything (it loads its snapshot meanwhile); kazoo waits for the handshake up to
+  session timeout / number of servers (1.3 s for 4 s and three), so a client that
+  tried that server during a rolling restart came back ~0.5 s after the others. A
+  server that drops connection requests (its machine is gone, a cut link, or a
+  stopping server whose backlog is full) is worse: kazoo waits for the TCP connection
+  the whole session timeout, and the kernel sends its second SYN only after 1 s. The
+  first connect and the first handshake after a drop wait 0.2 s, each one that times
+  out doubles its wait up to kazoo's, and one that succeeds resets it: a slow
+  ensemble or a far one costs a few tries, never the connection.
 
 They rely on kazoo's request protocol: a request is an object with ``type``,
 ``serialize()`` and ``deserialize(bytes, offset)``, queued by ``KazooClient._call``
@@ -185,30 +188,59 @@ def transaction_failure(results: Sequence[Any]) -> tuple[int, Exception] | None:
     return None
 
 
-HANDSHAKE_FIRST_WAIT = 0.2  # seconds; see quick_handshakes
+FIRST_WAIT = 0.2  # seconds; see quick_reconnects
 
 
-def quick_handshakes(client: KazooClient, first_wait: float = HANDSHAKE_FIRST_WAIT) -> None:
-    """Wait ``first_wait`` for a server's handshake answer, doubling after each one that
-    times out, up to kazoo's own wait (see the module). kazoo calls its connection's
-    ``_invoke`` for the handshake only (the ``Connect`` request) and for the
-    authentication packets; only the handshake's wait changes."""
-    connection = client._connection
-    original = connection._invoke
-    wait = [first_wait]
+class _Patience:
+    """A wait that starts at ``first``, doubles after each timeout up to the caller's own
+    timeout, and starts at ``first`` again after a success."""
 
-    def invoke(timeout: float, request: Any, xid: int | None = None) -> Any:
-        if not isinstance(request, Connect):
-            return original(timeout, request, xid)
+    def __init__(self, first: float) -> None:
+        self.first = self.wait = first
+
+    def call(self, timeout: float, attempt: Callable[[float], Any], timed_out: Any) -> Any:
         try:
-            result = original(min(timeout, wait[0]), request, xid)
-        except client.handler.timeout_exception:
-            wait[0] = min(wait[0] * 2, timeout)
+            result = attempt(min(timeout, self.wait))
+        except timed_out:
+            self.wait = min(self.wait * 2, timeout)
             raise
-        wait[0] = first_wait
+        self.wait = self.first
         return result
 
-    connection._invoke = invoke
+
+def quick_reconnects(client: KazooClient, first_wait: float = FIRST_WAIT) -> None:
+    """Wait ``first_wait`` for a server's TCP connection and for its handshake answer,
+    each doubling after a timeout up to kazoo's own wait (see the module). kazoo opens
+    its connections through its handler's ``create_connection`` (with ``timeout=``),
+    and calls its connection's ``_invoke`` for the handshake (the ``Connect`` request)
+    and for the authentication packets; only the connect's and the handshake's waits
+    change."""
+    handler = client.handler
+    connect = handler.create_connection
+    connects = _Patience(first_wait)
+
+    def create_connection(*args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.pop("timeout", None)
+        if timeout is None:
+            return connect(*args, **kwargs)
+        return connects.call(
+            timeout, lambda wait: connect(*args, timeout=wait, **kwargs), TimeoutError
+        )
+
+    handler.create_connection = create_connection
+
+    connection = client._connection
+    invoke = connection._invoke
+    handshakes = _Patience(first_wait)
+
+    def handshake(timeout: float, request: Any, xid: int | None = None) -> Any:
+        if not isinstance(request, Connect):
+            return invoke(timeout, request, xid)
+        return handshakes.call(
+            timeout, lambda wait: invoke(wait, request, xid), client.handler.timeout_exception
+        )
+
+    connection._invoke = handshake
 
 
 def route_watch_events(client: KazooClient, route: Callable[[int, str], None]) -> None:

@@ -99,7 +99,7 @@ from distcrond.coordination.zkwire import (
     PollHandler,
     add_watch_async,
     multi_read_async,
-    quick_handshakes,
+    quick_reconnects,
     route_watch_events,
     transaction_failure,
 )
@@ -277,15 +277,18 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             target=self._dispatch_loop, args=(self._upkeep,), name="zk-store-upkeep", daemon=True
         )
         self._upkeeper.start()
+        self._connected = threading.Event()  # set while the client is connected
         client.add_listener(self._on_state)
         route_watch_events(client, self._on_watch_event)
         if self._owns_client:
-            quick_handshakes(client)
+            quick_reconnects(client)
         try:
             if not client.connected:
                 with warnings.catch_warnings():  # "No chroot path exists": created below
                     warnings.filterwarnings("ignore", "No chroot path exists")
                     client.start(timeout=self._op_timeout)
+            if client.connected:  # a client given connected: no CONNECTED event comes
+                self._connected.set()
             self._session_id = self._current_session()
             self._ensure_chroot()
             self._ensure_layout()
@@ -346,6 +349,9 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     # -- membership ----------------------------------------------------------
     def reconnected_at(self) -> datetime | None:
         return self._reconnected_at
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
 
     def register_peer(self, peer: PeerInfo) -> None:
         """Publish (or update) a peer's ephemeral record, owned by this session.
@@ -465,16 +471,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             # writer); a stale one fails the check and is read again.
             existing: set[str] = set()
             ours: set[str] = set()
-            if lost:  # runs an earlier attempt of this call may have created
-                stats = self._exists_many([self._paths.run(r.job_id, r.run_id) for r in wanted])
-                maybe = [r for r, st in zip(wanted, stats, strict=True) if st is not None]
-                found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in maybe])
-                existing = {r.run_id for r in maybe}
-                ours = {
-                    r.run_id
-                    for r, got in zip(maybe, found, strict=True)
-                    if got is not None and got[0] == payloads[r.run_id]
-                }
+            if lost:  # runs an earlier attempt of this call may have created: one read
+                found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in wanted])
+                recorded = [(r, got) for r, got in zip(wanted, found, strict=True) if got]
+                existing = {r.run_id for r, _ in recorded}
+                ours = {r.run_id for r, got in recorded if got[0] == payloads[r.run_id]}
             for _ in range(CAS_ATTEMPTS):
                 node = self._fence_node(epoch)
                 new = [r for r in wanted if r.run_id not in existing]
@@ -1597,12 +1598,15 @@ class ZooKeeperCoordinationStore(CoordinationStore):
                 return True  # remove this listener
         self._election.on_state(state)
         if state == KazooState.CONNECTED:
+            self._connected.set()
             if self._session_id is not None:  # not the first connection
                 self._reconnected_at = self._clock.now()
             self._upkeep.put(self._after_reconnection)
         elif state == KazooState.LOST:
+            self._connected.clear()
             log.warning("ZooKeeper session lost: ephemeral nodes are gone")
         else:
+            self._connected.clear()
             log.warning("ZooKeeper connection suspended")
         return None
 

@@ -65,6 +65,11 @@ PASS_SPAN = timedelta(milliseconds=50)
 # waits for that run (looked at again this often), at most until the job's next slot or
 # the end of its misfire grace, whichever comes first; then it is skipped.
 HOLD_POLL = timedelta(milliseconds=50)
+# While the store's connection is away (a ZooKeeper server lost), a pass waits for it up
+# to this long instead of starting: begun then, its first read would wait in the client
+# until the reconnection, and the slots due meanwhile would need a second write; begun
+# at the reconnection, one write takes them all.
+STORE_WAIT_S = 0.25
 
 
 @dataclass
@@ -225,6 +230,8 @@ class Scheduler:
         """One pass (the loop's body, public for tests that drive a fake clock): on the first,
         settle missed slots; then apply config changes and triggers, record due slots, prune.
         Never raises for a store problem (it logs, and the next pass retries), except FencedOut."""
+        if not self._coordination.wait_connected(STORE_WAIT_S):
+            return  # the store is away: nothing could be recorded; the next pass waits again
         try:
             if not self._bootstrapped:
                 self._bootstrap()

@@ -32,6 +32,10 @@ from integration.cluster import Cluster
 from integration.peers import Peer
 
 ZK_BASE_PORT = 2481
+# ZooKeeper expires a session at the first tick after its timeout: with 500 ms ticks a
+# lost leader's session outlives its timeout by up to half a second more, with 250 ms by
+# up to a quarter (the README's failure modes say so, for operators' own ensembles).
+TICK_MS = 250
 ES_PORT = 9550
 SSH_ADDRESSES = ("127.0.0.6", "127.0.0.7")
 SSH_PORT = 2622
@@ -102,7 +106,7 @@ class Services:
         self.workdir = workdir
         self.session_s = session_s
         self.clock_peer = clock_peer
-        self.ensemble = Ensemble(workdir / "zookeeper", 3, base_port=ZK_BASE_PORT, tick_ms=500)
+        self.ensemble = Ensemble(workdir / "zookeeper", 3, base_port=ZK_BASE_PORT, tick_ms=TICK_MS)
         self.es = Elasticsearch(workdir / "elasticsearch", port=ES_PORT, dist_dir=DEFAULT_DIST_DIR)
         self.sshd = SSHServers(workdir / "sshd", addresses=SSH_ADDRESSES, port=SSH_PORT)
         self.cluster: Cluster | None = None
