@@ -450,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from distcrond.api_process import APIStartError
     from distcrond.coordination.base import StoreUnavailable
-    from distcrond.coordination.sqlite import StateDirLocked
     from distcrond.daemon import Daemon
+    from distcrond.statedir import StateDirLocked
 
     daemon = Daemon(settings)
     daemon.install_signal_handlers()

@@ -35,6 +35,7 @@ from distcrond.execution.ssh import SSHRunner
 from distcrond.leadership import LeadershipMonitor
 from distcrond.scheduling.scheduler import Scheduler
 from distcrond.settings import Settings
+from distcrond.statedir import acquire_state_lock, private_dir
 from distcrond.stores import open_coordination, open_reports
 
 log = logging.getLogger("distcrond.daemon")
@@ -104,10 +105,7 @@ class Daemon:
         sys.setswitchinterval(SWITCH_INTERVAL)
         s = self.settings
         with ExitStack() as stack:
-            s.state_dir.mkdir(parents=True, exist_ok=True)
-            from distcrond.coordination.sqlite import acquire_state_lock
-
-            stack.enter_context(acquire_state_lock(s.state_dir))
+            stack.enter_context(acquire_state_lock(private_dir(s.state_dir)))
             coordination = open_coordination(s)
             stack.callback(coordination.close)
             self._coordination = coordination

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from distcrond.coordination.base import StoreUnavailable
+from distcrond.statedir import private_file
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -76,7 +77,23 @@ class SQLiteDatabase:
         self._idle: list[sqlite3.Connection] = []
         self._closed = False
         self._pid = os.getpid()
+        self._make_private()
         self._create_schema(schema, version)
+
+    def _make_private(self) -> None:
+        """The database, its WAL and shared memory files: mode 0600 (SQLite gives the
+        WAL and the shared memory the database's mode when it creates them; those of an
+        older version may be 0644 already)."""
+        if str(self.path) == ":memory:":
+            return
+        try:
+            private_file(self.path)
+            for suffix in ("-wal", "-shm"):
+                companion = self.path.with_name(self.path.name + suffix)
+                if companion.exists():
+                    private_file(companion)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
 
     # -- connections ---------------------------------------------------------
     def open_connection(self) -> sqlite3.Connection:

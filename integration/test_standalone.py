@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import time
 from datetime import datetime, timedelta
@@ -84,6 +85,37 @@ def test_trigger_runs_a_job_now_and_reports_its_output(peer: Peer, tmp_path: Pat
     assert run["stderr"].strip() == "err"
     assert run["node_id"] == "local" and run["peer_id"] == "peer-a"
     assert run["trigger"] == "manual"
+
+
+def test_the_state_directory_and_its_files_are_private_to_the_daemon(
+    peer: Peer, tmp_path: Path
+) -> None:
+    """Run output (reports, their WAL, the coordination records) and the tokens' hashes
+    are readable by the daemon's user only: 0700 directories, 0600 files, under the
+    umask it was started with (which it keeps for its jobs)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    peer.write_job(
+        "secret",
+        {"schedule": {"interval": "24h"}, "command": ["/bin/sh", "-c", "echo s3cr3t; umask"]},
+    )
+    peer.start()
+    r = peer.post("/api/v1/jobs/secret/runs")
+    assert r.status_code == 202, r.text
+    run = peer.wait_run(r.json()["run_id"], ("succeeded", "failed"))
+    assert run["stdout"].split() == ["s3cr3t", f"{umask:04o}"]  # the job's umask is untouched
+    modes = {
+        str(path.relative_to(peer.state_dir)): stat.S_IMODE(path.lstat().st_mode)
+        for path in [peer.state_dir, *peer.state_dir.rglob("*")]
+        if path.is_dir() or path.is_file()
+    }
+    assert "reports.sqlite3-wal" in modes, sorted(modes)
+    loose = {
+        name: oct(mode)
+        for name, mode in modes.items()
+        if mode != (0o700 if (peer.state_dir / name).is_dir() else 0o600)
+    }
+    assert loose == {}, loose
 
 
 def test_trigger_of_unknown_job_is_a_json_404(peer: Peer) -> None:

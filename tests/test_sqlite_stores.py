@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 
 from distcrond.coordination.base import FencedOut, TriggerRequest
-from distcrond.coordination.sqlite import (
-    SQLiteCoordinationStore,
-    StateDirLocked,
-    acquire_state_lock,
-)
+from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.sqlite import SQLiteReportStore
 from distcrond.runs import RunRecord, RunReport, RunState, run_id_for
 from distcrond.sqlitedb import SchemaTooNew
+from distcrond.statedir import StateDirLocked, acquire_state_lock
 
 T0 = datetime(2026, 11, 27, 3, 10, tzinfo=UTC)
 
@@ -251,7 +248,7 @@ def test_the_state_lock_refuses_a_second_holder(tmp_path: Path) -> None:
 def test_the_state_lock_names_the_holding_process(tmp_path: Path) -> None:
     script = f"""
 import sys
-from distcrond.coordination.sqlite import acquire_state_lock
+from distcrond.statedir import acquire_state_lock
 lock = acquire_state_lock({str(tmp_path)!r})
 print("locked", flush=True)
 sys.stdin.read()

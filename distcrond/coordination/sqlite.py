@@ -24,17 +24,14 @@ epoch, which fences every older epoch. A peer deposed by another process's
 ``start_election`` is told (``revoke_leadership``) by the poll thread, and
 takes leadership back when the row is free again.
 
-Only one daemon may use a state directory: :func:`acquire_state_lock`.
+Only one daemon may use a state directory: :func:`distcrond.statedir.acquire_state_lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -124,65 +121,6 @@ _ACTIVE = tuple(s.value for s in ACTIVE_STATES)
 # Event kinds a run watcher is told about once each.
 _ASSIGNED = "assigned"
 _CANCEL = "cancel"
-
-
-# -- single-daemon safety -------------------------------------------------------
-
-
-class StateDirLocked(Exception):
-    """Another process (a second daemon) holds the state directory."""
-
-    def __init__(self, path: Path, pid: int | None) -> None:
-        holder = f"process {pid}" if pid else "another process"
-        super().__init__(f"state directory lock {path} is held by {holder}")
-        self.path = path
-        self.pid = pid
-
-
-class StateLock:
-    """An exclusive ``flock`` on ``<state_dir>/distcrond.lock``; released by ``release()``,
-    by leaving its ``with`` block, or when the process dies."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    def __enter__(self) -> StateLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def acquire_state_lock(state_dir: Path | str) -> StateLock:
-    """Take the state directory for this process, or fail at once.
-
-    Raises :class:`StateDirLocked` (naming the lock file and, when it can be
-    read, the holder's pid) if another daemon holds it. API workers do not take it.
-    """
-    path = Path(state_dir) / "distcrond.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder: int | None = None
-        with contextlib.suppress(OSError, ValueError):
-            holder = int(os.pread(fd, 32, 0).decode().strip() or "0") or None
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise StateDirLocked(path, holder) from None
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return StateLock(path, fd)
 
 
 # -- the store ------------------------------------------------------------------

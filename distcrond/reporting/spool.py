@@ -112,6 +112,7 @@ from distcrond.clock import Clock
 from distcrond.coordination.base import StoreStatus, StoreUnavailable
 from distcrond.reporting.base import ReportRejected, ReportStore, RunPage, RunQuery
 from distcrond.runs import RunReport
+from distcrond.statedir import private_dir
 
 log = logging.getLogger("distcrond.spool")
 
@@ -454,8 +455,7 @@ class SpooledReportStore(ReportStore):
     # -- start ---------------------------------------------------------------------
     def _lock_directory(self) -> int:
         if not self.directory.is_dir():
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.directory, 0o700)
+            private_dir(self.directory)
             _fsync_dir(self.directory.parent)
         fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
