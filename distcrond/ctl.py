@@ -5,6 +5,7 @@
     distcronctl runs ID [--limit N] [--state S[,S]] [--node N] [--cursor C]
     distcronctl run RUN_ID              one run, with its output
     distcronctl trigger ID              run a job now; prints the run id
+    distcronctl cancel RUN_ID           end an active run (it ends failed, "cancelled by ...")
     distcronctl cluster                 leader, peers, config drift
     distcronctl errors                  job and node files that failed to load
     distcronctl health                  this peer's stores, and whether the cluster schedules
@@ -307,6 +308,11 @@ def render_trigger(data: dict[str, Any]) -> str:
     return text(data.get("run_id"))
 
 
+def render_cancel(data: dict[str, Any]) -> str:
+    who = data.get("cancelled_by")
+    return f"{text(data.get('run_id'))}: being cancelled" + (f" (by {who})" if who else "")
+
+
 def render_cluster(data: dict[str, Any]) -> str:
     leader = data.get("leader")
     head = (
@@ -404,6 +410,11 @@ def cmd_run(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[An
 
 def cmd_trigger(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
     return client.request("POST", f"{API}/jobs/{_quote(args.id)}/runs", body={}), render_trigger
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
+    path = f"{API}/runs/{_quote(args.run_id)}/cancel"
+    return client.request("POST", path, body={}), render_cancel
 
 
 def cmd_cluster(client: Client, args: argparse.Namespace) -> tuple[Any, Callable[[Any], str]]:
@@ -526,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("run", cmd_run, "show one run with its output").add_argument("run_id", help="<job>@<slot>")
     add("trigger", cmd_trigger, "run a job now and print its run id").add_argument(
         "id", help="job id"
+    )
+    add("cancel", cmd_cancel, "end an active run (it ends failed)").add_argument(
+        "run_id", help="<job>@<slot>[~<node>]"
     )
     add("cluster", cmd_cluster, "show the leader, the peers and config drift")
     add("errors", cmd_errors, "show job and node files that failed to load")

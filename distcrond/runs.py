@@ -95,6 +95,10 @@ class RunRecord:
     # at_least_once runs are re-run under the same id when their peer dies mid-run.
     at_least_once: bool = False
     cancel_requested: bool = False
+    # Who asked for it by hand (the API token's name; None for a scheduled slot), and who
+    # asked to cancel it (None: the scheduler itself, for concurrency: replace).
+    triggered_by: str | None = None
+    cancelled_by: str | None = None
 
     def replace(self, **changes: Any) -> RunRecord:
         return dataclasses.replace(self, **changes)
@@ -117,6 +121,8 @@ class RunRecord:
             "reason": self.reason,
             "at_least_once": self.at_least_once,
             "cancel_requested": self.cancel_requested,
+            "triggered_by": self.triggered_by,
+            "cancelled_by": self.cancelled_by,
         }
 
     @classmethod
@@ -142,6 +148,8 @@ class RunRecord:
             reason=data.get("reason", ""),
             at_least_once=bool(data.get("at_least_once", False)),
             cancel_requested=bool(data.get("cancel_requested", False)),
+            triggered_by=data.get("triggered_by"),
+            cancelled_by=data.get("cancelled_by"),
         )
 
 
@@ -164,6 +172,8 @@ class RunReport:
     stdout: str = ""
     stderr: str = ""
     output_truncated: bool = False
+    triggered_by: str | None = None
+    cancelled_by: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -190,6 +200,8 @@ class RunReport:
             "stdout": self.stdout,
             "stderr": self.stderr,
             "output_truncated": self.output_truncated,
+            "triggered_by": self.triggered_by,
+            "cancelled_by": self.cancelled_by,
             "extra": self.extra,
         }
 
@@ -215,6 +227,8 @@ class RunReport:
             stdout=data.get("stdout", ""),
             stderr=data.get("stderr", ""),
             output_truncated=bool(data.get("output_truncated", False)),
+            triggered_by=data.get("triggered_by"),
+            cancelled_by=data.get("cancelled_by"),
             extra=dict(data.get("extra") or {}),
         )
 
@@ -234,6 +248,8 @@ class RunReport:
             ended_at=record.ended_at,
             exit_code=record.exit_code,
             reason=record.reason,
+            triggered_by=record.triggered_by,
+            cancelled_by=record.cancelled_by,
         )
         base.update(fields)
         return cls(**base)

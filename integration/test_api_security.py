@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -156,3 +157,60 @@ def test_a_bad_tokens_file_at_start_stops_the_peer_naming_file_and_field(
     peer.start(wait=False)
     assert peer.proc is not None and peer.proc.wait(30) == 2
     assert str(tokens) in peer.log() and "tokens.0.sha256" in peer.log()
+
+
+def processes_running(command: str) -> list[int]:
+    """Pids of this machine's processes whose command line is ``command`` (and the
+    shell's, whose command line holds it: ``sh -c "... command ..."``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # gone meanwhile
+            if command in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_cancel_ends_a_running_runs_whole_process_group_and_names_who_asked(
+    secured: Peer,
+) -> None:
+    marker = f"{500 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    secured.write_job(
+        "stuck",
+        {
+            "schedule": {"interval": "24h"},
+            "shell": True,
+            "command": f"sleep {marker} & sleep {marker}; echo never",
+        },
+    )
+    wait_for(lambda: call(secured, "GET", "/api/v1/jobs/stuck", TOKENS["reader"]).ok, 5, "job")
+    run_id = call(secured, "POST", "/api/v1/jobs/stuck/runs", TOKENS["ops"]).json()["run_id"]
+    # The shell, and its two sleeps: the one it waits for and the one in the background.
+    wait_for(lambda: len(processes_running(f"sleep {marker}")) == 3, 15, "the shell and sleeps")
+    cancel = f"/api/v1/runs/{run_id}/cancel"
+
+    assert call(secured, "POST", cancel, TOKENS["reader"]).status_code == 403
+    accepted = call(secured, "POST", cancel, TOKENS["ops"])
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["cancelled_by"] == "ops"
+
+    run = secured.wait_run(run_id, ("failed",), timeout=15)
+    assert run["reason"] == "cancelled by ops"
+    assert (run["triggered_by"], run["cancelled_by"]) == ("ops", "ops")
+    assert "never" not in run["stdout"]
+    wait_for(lambda: processes_running(f"sleep {marker}") == [], 10, "the group to be gone")
+    again = call(secured, "POST", cancel, TOKENS["ops"])
+    assert again.status_code == 409 and "failed" in again.json()["error"]["description"]
+    audited = [
+        json.loads(line[line.index("{") :])
+        for line in secured.log().splitlines()
+        if "distcrond.audit" in line and cancel in line
+    ]
+    assert [(a["token"], a["status"]) for a in audited] == [
+        ("reader", 403),
+        ("ops", 202),
+        ("ops", 409),
+    ]

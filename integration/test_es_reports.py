@@ -21,7 +21,7 @@ import pytest
 from deploy.services.elasticsearch import http_json
 from distcrond.coordination.base import StoreUnavailable
 from distcrond.reporting.base import ReportRejected, RunQuery
-from distcrond.reporting.elasticsearch import ElasticsearchReportStore
+from distcrond.reporting.elasticsearch import MAPPING, ElasticsearchReportStore
 from distcrond.runs import RunReport, RunState, run_id_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.elasticsearch, pytest.mark.timeout(300)]
@@ -91,6 +91,7 @@ def test_the_index_has_the_explicit_strict_mapping_and_settings(
     assert mapping["dynamic"] == "strict"
     assert types == {
         **dict.fromkeys(["run_id", "job_id", "node_id", "peer_id", "state", "trigger"], "keyword"),
+        **dict.fromkeys(["triggered_by", "cancelled_by"], "keyword"),
         **dict.fromkeys(["slot", "started_at", "ended_at"], "date_nanos"),
         **dict.fromkeys(["slot_us", "duration_ms", "exit_code", "attempts"], "long"),
         "output_truncated": "boolean",
@@ -113,6 +114,30 @@ def test_the_index_has_the_explicit_strict_mapping_and_settings(
     )
     assert status == 400, body
     assert body["error"]["type"] == "strict_dynamic_mapping_exception"
+
+
+def test_an_index_made_by_an_older_version_gains_the_fields_added_since(
+    make_store: MakeStore, es_url: str, es_index_prefix: str
+) -> None:
+    """Its mapping is strict: without the new fields, every report that names who
+    triggered or cancelled it would be refused for good."""
+    index = f"{es_index_prefix}2025.01"
+    old_fields = {
+        k: v for k, v in MAPPING["properties"].items() if k not in ("triggered_by", "cancelled_by")
+    }
+    status, body = es(
+        es_url,
+        index,
+        method="PUT",
+        body={"mappings": {"dynamic": "strict", "properties": old_fields}},
+    )
+    assert status == 200, body
+
+    store = make_store()
+    store.write([report("backup", JAN, triggered_by="ops", cancelled_by="oncall")])
+
+    got = store.get(run_id_for("backup", JAN))
+    assert got is not None and (got.triggered_by, got.cancelled_by) == ("ops", "oncall")
 
 
 def test_the_template_is_installed_before_the_first_write(

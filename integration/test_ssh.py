@@ -235,6 +235,37 @@ def test_hosts_any_runs_each_slot_once_spread_over_the_ssh_nodes(
     assert set(per_host) == {h.address for h in ssh_hosts}, per_host
 
 
+def test_a_cancel_through_the_api_ends_the_remote_process_group(
+    ssh_peer: Peer, ssh_hosts: list[SSHHost]
+) -> None:
+    marker = f"{600 + uuid.uuid4().int % 1000}.{uuid.uuid4().int % 1000}"
+    ssh_peer.write_job(
+        "stuck",
+        {
+            "schedule": {"interval": "24h"},
+            "policy": {"hosts": "any", "roles": ["db"]},
+            "shell": True,
+            "command": f"sleep {marker} & sleep {marker}; echo never",
+        },
+    )
+    ssh_peer.start()
+    run_id = ssh_peer.post("/api/v1/jobs/stuck/runs").json()["run_id"]
+
+    def remote_sleeps() -> list[str] | None:
+        for host in ssh_hosts:
+            if len(remote_processes(host.address, f"sleep {marker}")) >= 2:
+                return [host.address]
+        return None
+
+    address = wait_for(remote_sleeps, 20, "both remote sleeps")[0]
+    accepted = ssh_peer.post(f"/api/v1/runs/{run_id}/cancel")
+    assert accepted.status_code == 202, accepted.text
+    run = ssh_peer.wait_run(run_id, ("failed",), timeout=20)
+    assert run["reason"] == "cancelled by anonymous" and run["cancelled_by"] == "anonymous"
+    assert run["node_id"] in ("ssh-2", "ssh-3") and "never" not in run["stdout"]
+    wait_remote_gone(address, f"sleep {marker}", timeout=10)
+
+
 def test_hosts_all_runs_on_every_matching_node_and_roles_filter(
     ssh_peer: Peer, ssh_hosts: list[SSHHost], tmp_path: Path
 ) -> None:

@@ -612,7 +612,7 @@ def test_trigger_queues_a_manual_run_and_answers_202_with_its_status_url(
     assert result.headers["location"].endswith(f"/api/v1/runs/{run_id}")
     assert coordination.pending_triggers() == [
         TriggerRequest(
-            run_id=run_id, job_id="backup", slot=NOW, requested_at=NOW, requested_by="peer-a"
+            run_id=run_id, job_id="backup", slot=NOW, requested_at=NOW, requested_by="anonymous"
         )
     ]
     # The status URL answers at once: the run is queued.
@@ -624,6 +624,62 @@ def test_trigger_queues_a_manual_run_and_answers_202_with_its_status_url(
         "state": "queued",
         "source": "triggers",
     }
+
+
+# -- cancel -----------------------------------------------------------------------
+
+
+def test_cancel_of_an_active_run_is_202_and_asks_its_peer_to_end_it(
+    client: TestClient, leader: SQLiteCoordinationStore
+) -> None:
+    run_id = run_id_for("backup", NOW)
+    leader.record_runs(
+        epoch_of(leader),
+        [RunRecord(run_id, "backup", NOW, "web-1", "peer-a", RunState.RUNNING)],
+    )
+    result = client.simulate_post(f"/api/v1/runs/{run_id}/cancel")
+    assert result.status == falcon.HTTP_202
+    assert result.json == {
+        "run_id": run_id,
+        "state": "running",
+        "cancel_requested": True,
+        "cancelled_by": "anonymous",
+        "status_url": f"/api/v1/runs/{run_id}",
+    }
+    assert result.headers["location"].endswith(f"/api/v1/runs/{run_id}")
+    record = leader.get_run(run_id)
+    assert record is not None and record.cancel_requested and record.cancelled_by == "anonymous"
+    again = client.simulate_post(f"/api/v1/runs/{run_id}/cancel")  # idempotent
+    assert again.status == falcon.HTTP_202 and again.json["cancelled_by"] == "anonymous"
+
+
+def test_cancel_of_an_ended_run_is_409_naming_its_state(
+    client: TestClient, leader: SQLiteCoordinationStore, reports: SQLiteReportStore
+) -> None:
+    reported = run_id_for("backup", NOW - timedelta(hours=1))
+    reports.write([RunReport(reported, "backup", NOW - timedelta(hours=1), RunState.SUCCEEDED)])
+    recorded = run_id_for("backup", NOW)
+    leader.record_runs(
+        epoch_of(leader),
+        [RunRecord(recorded, "backup", NOW, None, None, RunState.SKIPPED, ended_at=NOW)],
+    )
+    for run_id, state in ((reported, "succeeded"), (recorded, "skipped")):
+        result = client.simulate_post(f"/api/v1/runs/{run_id}/cancel")
+        assert_error(result, falcon.HTTP_409)
+        assert state in result.json["error"]["description"]
+
+
+def test_cancel_of_a_queued_run_is_409_and_of_an_unknown_one_404(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    queued = client.simulate_post("/api/v1/jobs/backup/runs").json["run_id"]
+    result = client.simulate_post(f"/api/v1/runs/{queued}/cancel")
+    assert_error(result, falcon.HTTP_409)
+    assert "queued" in result.json["error"]["description"]
+    unknown = run_id_for("backup", NOW - timedelta(days=3))
+    assert_error(client.simulate_post(f"/api/v1/runs/{unknown}/cancel"), falcon.HTTP_404)
+    assert_error(client.simulate_post("/api/v1/runs/not-a-run-id/cancel"), falcon.HTTP_400)
 
 
 def test_trigger_accepts_an_empty_json_object_body(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ from falcon.testing import TestClient
 
 from distcrond.api import create_app
 from distcrond.api.auth import TokenSource, required_role
-from distcrond.api.resources import JobRuns, Live
+from distcrond.api.resources import JobRuns, Live, RunCancel
 from distcrond.clock import FakeClock
 from distcrond.config.loader import ConfigRegistry
 from distcrond.config.models import JobSpec
@@ -29,6 +30,7 @@ from distcrond.config.tokens import (
 from distcrond.coordination.base import ConfigSnapshot
 from distcrond.coordination.sqlite import SQLiteCoordinationStore
 from distcrond.reporting.sqlite import SQLiteReportStore
+from distcrond.runs import RunRecord, RunState, run_id_for
 
 NOW = datetime(2026, 12, 7, 6, 0, tzinfo=UTC)
 TOKENS = {"reader": new_token(), "ops": new_token(), "root": new_token()}
@@ -140,6 +142,7 @@ def test_a_route_without_roles_reads_with_read_and_changes_with_admin() -> None:
     assert required_role(object(), "DELETE") is Role.ADMIN
     assert required_role(object(), "POST") is Role.ADMIN
     assert required_role(JobRuns, "POST") is Role.OPERATE
+    assert required_role(RunCancel, "POST") is Role.OPERATE
     assert required_role(Live, "GET") is None
 
 
@@ -206,6 +209,38 @@ def test_read_reads_operate_triggers_and_a_role_too_low_is_403(client: TestClien
     for name in ("ops", "root"):
         accepted = client.simulate_post("/api/v1/jobs/backup/runs", headers=bearer(name))
         assert accepted.status_code == 202, name
+
+
+def test_cancel_needs_operate_and_records_the_token_that_asked(
+    client: TestClient, stores: tuple[SQLiteCoordinationStore, SQLiteReportStore]
+) -> None:
+    coordination, _ = stores
+    listener = threading.Event()
+
+    class Elected:
+        def establish_leadership(self, epoch: int) -> None:
+            listener.set()
+
+        def revoke_leadership(self) -> None:
+            pass
+
+    coordination.start_election("peer-a", Elected())
+    assert listener.wait(5)
+    leader = coordination.leader()
+    assert leader is not None
+    run_id = run_id_for("backup", NOW)
+    coordination.record_runs(
+        leader.epoch, [RunRecord(run_id, "backup", NOW, "n1", "peer-a", RunState.RUNNING)]
+    )
+    path = f"/api/v1/runs/{run_id}/cancel"
+    assert client.simulate_post(path).status_code == 401
+    assert client.simulate_post(path, headers=bearer("reader")).status_code == 403
+    assert client.simulate_post(path, headers=bearer("ops")).status_code == 202
+    record = coordination.get_run(run_id)
+    assert record is not None and record.cancelled_by == "ops"
+    # A trigger records its token too: the leader copies it onto the run's records.
+    client.simulate_post("/api/v1/jobs/backup/runs", headers=bearer("root"))
+    assert [t.requested_by for t in coordination.pending_triggers()] == ["root"]
 
 
 def test_every_change_and_every_refused_change_is_one_audit_line(

@@ -243,6 +243,21 @@ def test_trigger_prints_the_run_id_and_run_shows_it_queued(
     assert json.loads(capsys.readouterr().out)["source"] == "coordination"
 
 
+def test_cancel_asks_for_the_run_to_end_and_refuses_one_that_has_ended(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    active = run_id_for("backup", NOW)  # assigned by the fixture
+    assert run(cluster, "cancel", active) == 0
+    assert capsys.readouterr().out.strip() == f"{active}: being cancelled (by anonymous)"
+    record = cluster.coordination.get_run(active)
+    assert record is not None and record.cancel_requested and record.cancelled_by == "anonymous"
+    assert cluster.requests[-1] == ("POST", f"{URL}/api/v1/runs/{active}/cancel", b"{}")
+
+    assert run(cluster, "cancel", run_id_for("backup", SLOT)) == 1  # reported: it has ended
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Run has ended (409)" in err and "failed" in err
+
+
 def test_cluster_shows_the_leader_and_drifting_peers(
     cluster: Cluster, capsys: pytest.CaptureFixture[str]
 ) -> None:

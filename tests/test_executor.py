@@ -225,6 +225,39 @@ def test_cancel_request_stops_a_running_run(h: Harness, tmp_path: Path) -> None:
     assert report.state is RunState.FAILED and "replaced" in report.reason
 
 
+def test_a_cancel_by_a_token_ends_the_run_failed_naming_who_asked(
+    h: Harness, tmp_path: Path
+) -> None:
+    started = tmp_path / "started"
+    h.job("long", shell=True, command=f"touch {started}; sleep 60")
+    h.executor.start()
+    record = h.assign("long", trigger=Trigger.MANUAL, triggered_by="ops")
+    for _ in range(500):
+        if started.exists():
+            break
+        threading.Event().wait(0.02)
+    assert h.coordination.request_cancel(record.run_id, "oncall")
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.FAILED and report.reason == "cancelled by oncall"
+    assert (report.triggered_by, report.cancelled_by) == ("ops", "oncall")
+    ended = h.wait_state(record.run_id, RunState.FAILED)
+    assert ended.reason == "cancelled by oncall"
+
+
+def test_a_run_cancelled_before_it_reached_its_peer_never_starts(
+    h: Harness, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    h.job("later", shell=True, command=f"touch {ran}")
+    record = h.assign("later", slot=datetime.now(UTC) + timedelta(seconds=30))
+    assert h.coordination.request_cancel(record.run_id, "oncall")  # before the peer starts
+    h.executor.start()
+    report = h.wait_report(record.run_id)
+    assert report.state is RunState.FAILED and report.reason == "cancelled by oncall"
+    assert report.cancelled_by == "oncall" and report.started_at is None
+    assert not ran.exists()
+
+
 def test_stale_scheduled_run_beyond_the_misfire_grace_is_missed(h: Harness) -> None:
     h.job("old", misfire={"policy": "run_all", "grace": "1m"})
     h.executor.start()

@@ -277,23 +277,25 @@ def test_manual_trigger_is_recorded_under_the_requested_run_id(h: Harness) -> No
     h.at(0)
     slot = T0 + timedelta(seconds=0.25)
     h.coordination.request_trigger(
-        TriggerRequest(run_id_for("tick", slot), "tick", slot, slot, "p1")
+        TriggerRequest(run_id_for("tick", slot), "tick", slot, slot, "ops")
     )
     h.scheduler.triggers_queued()
     h.at(0.3)
     (run,) = h.records()
     assert run.run_id == run_id_for("tick", slot) and run.trigger is Trigger.MANUAL
+    assert run.triggered_by == "ops"  # the token that asked, on the record and its report
     assert h.coordination.pending_triggers() == []
 
 
 def test_manual_trigger_of_an_unknown_job_is_recorded_failed(h: Harness) -> None:
     h.lead()
     h.at(0)
-    h.coordination.request_trigger(TriggerRequest(run_id_for("ghost", T0), "ghost", T0, T0, "p1"))
+    h.coordination.request_trigger(TriggerRequest(run_id_for("ghost", T0), "ghost", T0, T0, "ops"))
     h.scheduler.triggers_queued()
     h.at(0.1)
     (run,) = h.records()
     assert run.state is RunState.FAILED and "not defined" in run.reason
+    assert run.triggered_by == "ops"
 
 
 def test_deposed_leader_writes_nothing(h: Harness) -> None:

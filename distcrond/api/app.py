@@ -35,6 +35,7 @@ ROUTES: tuple[tuple[str, type[Any]], ...] = (
     (f"{API_PREFIX}/jobs/{{job_id}}/runs", resources.JobRuns),
     (f"{API_PREFIX}/runs", resources.Runs),
     (f"{API_PREFIX}/runs/{{run_id}}", resources.Run),
+    (f"{API_PREFIX}/runs/{{run_id}}/cancel", resources.RunCancel),
     (f"{API_PREFIX}/nodes", resources.Nodes),
     (f"{API_PREFIX}/config/errors", resources.ConfigErrors),
     (f"{API_PREFIX}/openapi.json", resources.OpenAPI),

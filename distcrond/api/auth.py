@@ -82,6 +82,15 @@ class TokenSource:
             return TokenTable()
 
 
+ANONYMOUS = "anonymous"
+
+
+def requester(req: falcon.Request) -> str:
+    """Who sent the request, as runs and reports record it: the token's name, or
+    ``anonymous`` on a peer without tokens."""
+    return getattr(req.context, "token_name", None) or ANONYMOUS
+
+
 def bearer_token(req: falcon.Request) -> str | None:
     header = req.get_header("Authorization")
     if not header:

@@ -90,6 +90,8 @@ _RUN_RECORD_PROPS: dict[str, Schema] = {
     "reason": STRING,
     "at_least_once": BOOLEAN,
     "cancel_requested": BOOLEAN,
+    "triggered_by": nullable(STRING),
+    "cancelled_by": nullable(STRING),
 }
 
 _RUN_PROPS: dict[str, Schema] = {
@@ -109,6 +111,9 @@ _RUN_PROPS: dict[str, Schema] = {
     "stdout": STRING,
     "stderr": STRING,
     "output_truncated": BOOLEAN,
+    "triggered_by": nullable(STRING)
+    | {"description": "Who ran it by hand: the API token's name (`anonymous` without tokens)."},
+    "cancelled_by": nullable(STRING) | {"description": "Who cancelled it: the API token's name."},
     "extra": {"type": "object"},
 }
 
@@ -285,6 +290,16 @@ def _schemas() -> dict[str, Schema]:
             },
             "TriggerAccepted": obj(
                 {"run_id": STRING, "job_id": STRING, "slot": TIMESTAMP, "status_url": STRING}
+            ),
+            "CancelAccepted": obj(
+                {
+                    "run_id": STRING,
+                    "state": {"type": "string", "enum": ALL_STATES},
+                    "cancel_requested": {"const": True},
+                    "cancelled_by": nullable(STRING)
+                    | {"description": "Who asked first (a second request changes nothing)."},
+                    "status_url": STRING,
+                }
             ),
             "FinishedRun": obj(
                 _RUN_PROPS | {"source": {"const": "reports"}},
@@ -537,6 +552,34 @@ def _paths() -> dict[str, Any]:
                 "responses": {**_ok("The run.", "RunLookup"), **_errors("400", "404")},
             }
         },
+        "/api/v1/runs/{run_id}/cancel": {
+            "post": {
+                "operationId": "cancelRun",
+                "summary": "End an active run",
+                "description": "The peer executing the run ends the command's whole process "
+                "group (locally or on the SSH node); a run not started yet never starts. The run "
+                'ends `failed`, reason "cancelled by <token name>". Needs the role `operate`.',
+                "tags": ["runs"],
+                "parameters": [RUN_ID],
+                "requestBody": {
+                    "required": False,
+                    "content": {JSON: {"schema": ref("TriggerBody")}},
+                },
+                "responses": {
+                    "202": {
+                        "description": "Being ended.",
+                        "headers": {
+                            "Location": {
+                                "description": "The run's status URL.",
+                                "schema": STRING,
+                            }
+                        },
+                        "content": {JSON: {"schema": ref("CancelAccepted")}},
+                    },
+                    **_errors("400", "403", "404", "409"),
+                },
+            }
+        },
         "/api/v1/nodes": {
             "get": {
                 "operationId": "listNodes",
@@ -618,6 +661,7 @@ def _document() -> dict[str, Any]:
                 "403": _error_response("The token's role is too low for this request."),
                 "400": _error_response("A bad parameter, body or run id."),
                 "404": _error_response("No such job, run or route."),
+                "409": _error_response("The run has ended, or is queued and not assigned yet."),
                 "500": _error_response("An unexpected error (logged by the peer)."),
                 "503": _error_response("A store cannot be reached now."),
             },

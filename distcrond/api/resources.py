@@ -17,12 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import falcon
 
 import distcrond
 from distcrond.api import openapi
+from distcrond.api.auth import requester
 from distcrond.clock import Clock
 from distcrond.config.models import JobSpec
 from distcrond.config.tokens import Role
@@ -437,12 +438,7 @@ class JobRuns:
         }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        # The body is optional and carries no fields yet; it must still be JSON if present.
-        body = req.get_media(default_when_empty=None)
-        if body is not None and not isinstance(body, dict):
-            raise falcon.HTTPBadRequest(
-                title="Invalid body", description="The body, if any, must be a JSON object."
-            )
+        _no_fields_body(req)
         self.ctx.job(job_id)  # 404 when unknown; a disabled job may be run by hand
         now = self.ctx.clock.now()
         run_id = run_id_for(job_id, now)
@@ -452,7 +448,7 @@ class JobRuns:
                 job_id=job_id,
                 slot=now,
                 requested_at=now,
-                requested_by=self.ctx.peer_id,
+                requested_by=requester(req),
             )
         )
         status_url = f"{API_PREFIX}/runs/{run_id}"
@@ -485,13 +481,7 @@ class Run:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
-        try:
-            job_id, slot, node_id = split_run_id(run_id)
-        except ValueError:
-            raise falcon.HTTPBadRequest(
-                title="Invalid run id",
-                description=f"{run_id!r} is not a run id '<job>@<RFC 3339 slot>[~<node>]'.",
-            ) from None
+        job_id, slot, node_id = _split_run_id(run_id)
 
         report = self.ctx.reports.get(run_id)
         if report is not None:
@@ -545,6 +535,74 @@ class Run:
                     "source": "coordination",
                 }
         return [found[k] for k in sorted(found)]
+
+
+class RunCancel:
+    """Ask for an active run to end: the peer executing it ends the command's whole
+    process group (a run not started yet never starts), and the run ends ``failed``,
+    "cancelled by <token name>". 202 while it is being ended, 409 once it has ended
+    (or while it is only queued), 404 for a run nobody knows."""
+
+    REQUIRED_ROLES: ClassVar[Mapping[str, Role | None]] = {"POST": Role.OPERATE}
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
+        _split_run_id(run_id)
+        _no_fields_body(req)
+        coordination = self.ctx.coordination
+        record = coordination.get_run(run_id)
+        if record is None or not coordination.request_cancel(run_id, requester(req)):
+            self._not_active(run_id)
+        record = coordination.get_run(run_id) or record
+        status_url = f"{API_PREFIX}/runs/{run_id}"
+        resp.status = falcon.HTTP_202
+        resp.location = status_url
+        resp.media = {
+            "run_id": run_id,
+            "state": record.state.value,
+            "cancel_requested": True,
+            "cancelled_by": record.cancelled_by,
+            "status_url": status_url,
+        }
+
+    def _not_active(self, run_id: str) -> NoReturn:
+        """Raise the answer for a run that cannot be cancelled (409 or 404)."""
+        report = self.ctx.reports.get(run_id)
+        record = self.ctx.coordination.get_run(run_id)
+        state = report.state.value if report else record.state.value if record else None
+        if state is not None:
+            raise falcon.HTTPConflict(
+                title="Run has ended", description=f"Run {run_id!r} has ended: {state}."
+            )
+        if any(t.run_id == run_id for t in self.ctx.coordination.pending_triggers()):
+            raise falcon.HTTPConflict(
+                title="Run is queued",
+                description=f"Run {run_id!r} is queued for the leader and not assigned "
+                "yet; it can be cancelled once it is (in a moment).",
+            )
+        raise falcon.HTTPNotFound(title="Unknown run", description=f"No run {run_id!r} is known.")
+
+
+def _split_run_id(run_id: str) -> tuple[str, datetime, str | None]:
+    """(job, slot, node) of a run id from a path; 400 when it is not one."""
+    try:
+        return split_run_id(run_id)
+    except ValueError:
+        raise falcon.HTTPBadRequest(
+            title="Invalid run id",
+            description=f"{run_id!r} is not a run id '<job>@<RFC 3339 slot>[~<node>]'.",
+        ) from None
+
+
+def _no_fields_body(req: falcon.Request) -> None:
+    """A POST whose body carries no fields yet: optional, but JSON (an object) if present."""
+    body = req.get_media(default_when_empty=None)
+    if body is not None and not isinstance(body, dict):
+        raise falcon.HTTPBadRequest(
+            title="Invalid body", description="The body, if any, must be a JSON object."
+        )
 
 
 class Nodes:

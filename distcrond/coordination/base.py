@@ -162,7 +162,7 @@ class TriggerRequest:
     job_id: str
     slot: datetime
     requested_at: datetime
-    requested_by: str = ""  # the API's peer id
+    requested_by: str = ""  # who asked: the API token's name ("anonymous" without tokens)
 
 
 @dataclass(frozen=True)
@@ -289,11 +289,15 @@ def claimed_record(record: RunRecord, started_at: datetime) -> RunRecord:
     return record.replace(state=RunState.RUNNING, started_at=max(started_at, record.slot))
 
 
-def cancel_change(record: RunRecord) -> RunRecord | None:
-    """The record change of ``request_cancel`` (every backend's)."""
-    if record.state.terminal or record.cancel_requested:
-        return None
-    return record.replace(cancel_requested=True)
+def cancel_change(by: str | None) -> RunChange:
+    """The record change of ``request_cancel`` (every backend's): the first request counts."""
+
+    def change(record: RunRecord) -> RunRecord | None:
+        if record.state.terminal or record.cancel_requested:
+            return None
+        return record.replace(cancel_requested=True, cancelled_by=by)
+
+    return change
 
 
 class CoordinationStore(ABC):
@@ -467,8 +471,10 @@ class CoordinationStore(ABC):
         peer's session (ZooKeeper) or registration (embedded) still alive."""
 
     @abstractmethod
-    def request_cancel(self, run_id: str) -> bool:
-        """Ask the executing peer to stop an active run; False when it is not active."""
+    def request_cancel(self, run_id: str, by: str | None = None) -> bool:
+        """Ask the executing peer to stop an active run, on behalf of ``by`` (an API
+        token's name; None: the scheduler, replacing it); False when it is not active.
+        A second request changes nothing: the first one's ``by`` is kept."""
 
     @abstractmethod
     def watch_runs(self, peer_id: str, callback: Callable[[RunRecord], None]) -> None:

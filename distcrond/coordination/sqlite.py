@@ -516,10 +516,10 @@ class SQLiteCoordinationStore(CoordinationStore):
         record, existing = self._modify(run_id, change)
         return record or existing
 
-    def request_cancel(self, run_id: str) -> bool:
+    def request_cancel(self, run_id: str, by: str | None = None) -> bool:
         """Set ``cancel_requested`` on an active run (idempotent); False when it is not active."""
 
-        record, existing = self._modify(run_id, cancel_change)
+        record, existing = self._modify(run_id, cancel_change(by))
         current = record or existing
         return current is not None and not current.state.terminal
 

@@ -934,11 +934,11 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             self._heartbeats -= committed
         return {run_id: finished[run_id] for run_id in committed}
 
-    def request_cancel(self, run_id: str) -> bool:
+    def request_cancel(self, run_id: str, by: str | None = None) -> bool:
         """Set ``cancel_requested`` on an active run and index it under its peer's
         ``/cancels`` (idempotent); False when the run is not active."""
 
-        record, existing = self._modify(run_id, cancel_change)
+        record, existing = self._modify(run_id, cancel_change(by))
         current = record or existing
         return current is not None and not current.state.terminal
 

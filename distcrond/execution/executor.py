@@ -81,6 +81,7 @@ class _Flight:
     start_at: datetime  # when to start it: its slot, or at once
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
+    cancelled_by: str | None = None  # who asked (an API token's name), for the report
     claimed: RunRecord | None = None
 
 
@@ -184,12 +185,21 @@ class Executor:
             flight = self._inflight.get(record.run_id)
             if record.cancel_requested:
                 if flight is not None and not flight.cancel.is_set():
-                    flight.cancel_reason = (
-                        "cancelled: replaced by a newer run (concurrency: replace)"
-                    )
+                    flight.cancel_reason = cancel_reason(record)
+                    flight.cancelled_by = record.cancelled_by
                     flight.cancel.set()
                     self._starter_wake.set()  # a cancelled run is due at once
-                return
+                    return
+                if flight is not None or not self._owns_unstarted(record):
+                    return
+                # Cancelled before it reached this peer: it never runs. Its flight, ended
+                # from the start, makes a repeated event a no-op until it is settled.
+                ended = self._inflight[record.run_id] = _Flight(record, self._clock.now())
+                ended.cancel.set()
+        if record.cancel_requested:
+            self._finish_without_running(record, RunState.FAILED, cancel_reason(record))
+            return
+        with self._lock:
             if (
                 flight is not None
                 or self._stopping
@@ -207,6 +217,15 @@ class Executor:
             flight = self._inflight[record.run_id] = _Flight(record, start_at)
             heapq.heappush(self._unclaimed, (start_at, next(_order), flight))
         self._starter_wake.set()
+
+    def _owns_unstarted(self, record: RunRecord) -> bool:
+        """Whether ``record`` is a run assigned to this peer, not claimed yet (caller holds
+        the lock): one this peer must end itself when its cancel comes first."""
+        return (
+            not self._stopping
+            and record.state is RunState.ASSIGNED
+            and record.peer_id == self._peer_id
+        )
 
     def _done(self, run_id: str) -> None:
         with self._lock:
@@ -456,6 +475,8 @@ class Executor:
             stdout=outcome.stdout,
             stderr=outcome.stderr,
             output_truncated=outcome.output_truncated,
+            triggered_by=record.triggered_by,
+            cancelled_by=flight.cancelled_by if outcome.cancelled else None,
         )
 
     def _attempts(
@@ -661,6 +682,13 @@ class Executor:
                 requeue_to=self._peer_id,
                 why=f"peer {self._peer_id} stopped while the run was in progress",
             )
+
+
+def cancel_reason(record: RunRecord) -> str:
+    """Why a run whose cancel was requested ended: who asked, or the run replacing it."""
+    if record.cancelled_by:
+        return f"cancelled by {record.cancelled_by}"
+    return "cancelled: replaced by a newer run (concurrency: replace)"
 
 
 def retry_delay(job: JobSpec, attempt: int) -> timedelta:

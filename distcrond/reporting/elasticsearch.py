@@ -75,6 +75,7 @@ refused ones are reported as refused on a retry that gets that far.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -95,6 +96,8 @@ from distcrond.reporting.base import (
 )
 from distcrond.runs import RunReport, RunState, split_run_id
 from distcrond.sqlitedb import to_us
+
+log = logging.getLogger(__name__)
 
 MAX_LIMIT = 1000
 TEMPLATE_PRIORITY = 200
@@ -127,9 +130,13 @@ MAPPING: dict[str, Any] = {
         "stdout": {"type": "text"},
         "stderr": {"type": "text"},
         "reason": {"type": "text"},
+        "triggered_by": {"type": "keyword"},
+        "cancelled_by": {"type": "keyword"},
         "extra": {"type": "object", "enabled": False},
     },
 }
+# Fields added to MAPPING after the first release, added to older indices at start.
+ADDED_FIELDS = ("triggered_by", "cancelled_by")
 SETTINGS: dict[str, Any] = {
     "number_of_shards": 1,
     "number_of_replicas": 0,  # single node; raise it through the template on a cluster
@@ -346,7 +353,25 @@ class ElasticsearchReportStore(ReportStore):
                 raise self._unavailable(
                     f"cannot install the index template {self.template_name}", e
                 ) from e
+            self._add_new_fields()
             self._template_installed = True
+
+    def _add_new_fields(self) -> None:
+        """Add the fields added since the first release to the indices an older version
+        made (strict mappings would refuse every report that has them); a no-op where
+        they are there. An index that cannot take them (made by hand, another type) is
+        logged: its reports that have them are then refused for good, and kept."""
+        try:
+            self._client.indices.put_mapping(
+                index=f"{self.index_prefix}*",
+                properties={name: MAPPING["properties"][name] for name in ADDED_FIELDS},
+                allow_no_indices=True,
+                expand_wildcards="open",
+            )
+        except ApiError as e:
+            log.warning("cannot add %s to the indices %s*: %s", ADDED_FIELDS, self.index_prefix, e)
+        except TransportError as e:
+            raise self._unavailable("cannot update the indices' mappings", e) from e
 
     # -- ReportStore -----------------------------------------------------------------
     def write(self, reports: Sequence[RunReport]) -> None:

@@ -552,6 +552,7 @@ class Scheduler:
         batch = self._new_batch(self._clock.now())
         for request in requests:
             job = jobs.get(request.job_id)
+            first = len(batch.records)
             if job is None:
                 batch.records.append(
                     RunRecord(
@@ -570,6 +571,8 @@ class Scheduler:
                 )
             else:
                 self._decide(job, request.slot, Trigger.MANUAL, request.run_id, batch)
+            by = request.requested_by or None  # each record of the request says who asked
+            batch.records[first:] = [r.replace(triggered_by=by) for r in batch.records[first:]]
         self._commit(batch)
         for request in requests:
             self._coordination.remove_trigger(request.run_id)

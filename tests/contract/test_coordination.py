@@ -531,12 +531,13 @@ def test_request_cancel_marks_active_runs_only(coordination: CoordinationStore, 
     coordination.record_runs(epoch, [active, done])
     coordination.finish_run(done.run_id, RunState.SUCCEEDED, ended_at=slot(1), exit_code=0)
 
-    assert coordination.request_cancel(active.run_id) is True
-    assert coordination.request_cancel(active.run_id) is True  # idempotent
+    assert coordination.request_cancel(active.run_id, "ops") is True
+    assert coordination.request_cancel(active.run_id, "other") is True  # idempotent
     assert coordination.request_cancel(done.run_id) is False
     assert coordination.request_cancel("nope@2026-01-01T00:00:00.000000Z") is False
     stored = coordination.get_run(active.run_id)
     assert stored is not None and stored.cancel_requested
+    assert stored.cancelled_by == "ops"  # the first request's name is kept
     finished = coordination.get_run(done.run_id)
     assert finished is not None and not finished.cancel_requested
 
