@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,19 @@ def _bind(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     return value
+
+
+def _advertise_url(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an http(s) URL of this peer's API (e.g. http://cron-1:8080)"
+        )
+    try:
+        parts.port  # noqa: B018 - a bad port raises here
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+    return value.rstrip("/")
 
 
 def _positive_int(value: str) -> int:
@@ -144,6 +158,14 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
         type=_bind,
         default=_env("BIND", "127.0.0.1:8080"),
         help="HOST:PORT of the REST API (env DISTCRON_BIND; default %(default)s)",
+    )
+    p.add_argument(
+        "--advertise-url",
+        type=_advertise_url,
+        default=_env("ADVERTISE_URL", None),
+        help="the URL of this peer's API that it publishes to the others (env "
+        "DISTCRON_ADVERTISE_URL; default: from --bind, with this host's name for a "
+        "wildcard address such as 0.0.0.0)",
     )
     p.add_argument(
         "--peer-id",
@@ -388,6 +410,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         shutdown_grace=args.shutdown_grace,
         api_tokens=args.api_tokens or None,
         api_insecure=args.api_insecure,
+        advertise_url=args.advertise_url or None,
         scrub_env=tuple(n for n in scrub_env if n),
     )
 

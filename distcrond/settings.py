@@ -17,6 +17,8 @@ ES_API_KEY_ENV = "DISTCRON_ES_API_KEY"
 SECRET_ENV = {"zk_auth": ZK_AUTH_ENV, "es_password": ES_PASSWORD_ENV, "es_api_key": ES_API_KEY_ENV}
 SMTP_PASSWORD_ENV = "DISTCRON_SMTP_PASSWORD"
 TOKEN_ENV = "DISTCRON_TOKEN"
+# Bind addresses that mean "every interface": no other peer can connect to them.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 # Every environment variable that holds a secret of the daemon: no run ever gets one of
 # them (see distcrond/execution/environment.py). A new secret's variable joins this tuple.
 SECRET_ENV_NAMES: tuple[str, ...] = (
@@ -67,6 +69,8 @@ class Settings:
     # Names (fnmatch globs, case-sensitive) left out of every run's environment, beyond
     # SECRET_ENV_NAMES and the nodes' ssh_key_passphrase_env.
     scrub_env: tuple[str, ...] = ()
+    # The API URL this peer publishes (None: made from bind; see api_url).
+    advertise_url: str | None = None
     # The API tokens file (see distcrond/config/tokens.py); None: the API is open, which the
     # daemon allows on a loopback --bind only, unless api_insecure.
     api_tokens: Path | None = None
@@ -112,7 +116,15 @@ class Settings:
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.bind}"
+        """The API's URL published to the other peers: ``--advertise-url``, else one made
+        from ``--bind``, with this host's name for a wildcard address (0.0.0.0, ::), which
+        no other peer can connect to."""
+        if self.advertise_url:
+            return self.advertise_url
+        host, _, port = self.bind.rpartition(":")
+        if host.strip("[]") in WILDCARD_HOSTS:
+            host = socket.getfqdn()
+        return f"http://{host}:{port}"
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict; passes settings to the API server process."""
@@ -142,6 +154,7 @@ class Settings:
             "scrub_env": list(self.scrub_env),
             "api_tokens": str(self.api_tokens) if self.api_tokens else None,
             "api_insecure": self.api_insecure,
+            "advertise_url": self.advertise_url,
         }
 
     @classmethod
@@ -172,4 +185,5 @@ class Settings:
             scrub_env=tuple(data.get("scrub_env", ())),
             api_tokens=Path(data["api_tokens"]) if data.get("api_tokens") else None,
             api_insecure=bool(data.get("api_insecure", False)),
+            advertise_url=data.get("advertise_url"),
         )

@@ -118,6 +118,14 @@ def test_the_state_directory_and_its_files_are_private_to_the_daemon(
     assert loose == {}, loose
 
 
+def test_a_peer_publishes_its_advertised_api_url(make_peer) -> None:  # type: ignore[no-untyped-def]
+    peer: Peer = make_peer(extra_args=["--advertise-url", "http://cron-1.example.test:8080/"])
+    peer.start()
+    (published,) = peer.get("/api/v1/cluster").json()["peers"]
+    assert published["peer_id"] == peer.peer_id
+    assert published["api_url"] == "http://cron-1.example.test:8080"
+
+
 def test_trigger_of_unknown_job_is_a_json_404(peer: Peer) -> None:
     peer.start()
     r = peer.post("/api/v1/jobs/nope/runs")

@@ -322,6 +322,49 @@ def test_health_is_503_with_json_body_when_report_store_is_not_ok(
     }
 
 
+def test_ready_on_a_follower_needs_only_its_stores_even_while_no_leader_schedules(
+    client: TestClient, tmp_path: Path, coordination: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    other = elect(tmp_path / "coordination.sqlite3", "peer-b")  # leads, then stalls
+    try:
+        passed(other, NOW)
+        clock.advance(timedelta(seconds=60))
+        assert client.simulate_get("/api/v1/health").status == falcon.HTTP_503
+        result = client.simulate_get("/api/v1/health/ready")
+        assert result.status == falcon.HTTP_200
+        assert result.json == {
+            "status": "ready",
+            "peer_id": "peer-a",
+            "is_leader": False,
+            "reasons": [],
+        }
+    finally:
+        other.close()
+    reports = FailingReports(tmp_path / "failing.sqlite3")
+    try:
+        app = TestClient(create_app(coordination, reports, "peer-a", clock))
+        down = app.simulate_get("/api/v1/health/ready")
+    finally:
+        reports.close()
+    assert down.status == falcon.HTTP_503
+    assert down.json["status"] == "not ready"
+    assert down.json["reasons"] == ["reports store: disk on fire"]
+
+
+def test_ready_on_the_leader_needs_a_recent_pass_of_its_scheduler(
+    client: TestClient, leader: SQLiteCoordinationStore, clock: FakeClock
+) -> None:
+    passed(leader, NOW, stall_timeout=3.0)
+    clock.advance(timedelta(seconds=2))
+    fresh = client.simulate_get("/api/v1/health/ready")
+    assert fresh.status == falcon.HTTP_200 and fresh.json["is_leader"] is True
+    clock.advance(timedelta(seconds=2))
+    stalled = client.simulate_get("/api/v1/health/ready")
+    assert stalled.status == falcon.HTTP_503
+    (reason,) = stalled.json["reasons"]
+    assert reason.startswith("this peer leads and its scheduler stalls: 4.0 s since")
+
+
 def test_health_is_503_when_coordination_status_raises(
     tmp_path: Path, reports: SQLiteReportStore, clock: FakeClock
 ) -> None:

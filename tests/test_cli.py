@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 
 from distcrond.cli import build_parser, main, settings_from_args
 from distcrond.logs import configure_logging
+from distcrond.settings import Settings
 
 
 def settings(*argv: str):  # type: ignore[no-untyped-def]
@@ -40,6 +42,23 @@ def test_environment_variables_set_defaults_and_flags_win(monkeypatch: pytest.Mo
     s = settings("--bind", "127.0.0.1:9001")
     assert s.jobs_dir == Path("/env/jobs") and s.peer_id == "from-env"
     assert s.bind == "127.0.0.1:9001" and s.shutdown_grace == 60.0
+
+
+def test_the_advertised_api_url_is_the_flag_or_is_made_from_the_bind_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "cron-1.example.org")
+    assert settings("--bind", "127.0.0.1:8080").api_url == "http://127.0.0.1:8080"
+    assert settings("--bind", "10.1.2.3:9000").api_url == "http://10.1.2.3:9000"
+    # A wildcard address is no address another peer can reach: this host's name is.
+    assert settings("--bind", "0.0.0.0:8080").api_url == "http://cron-1.example.org:8080"
+    assert settings("--bind", "[::]:8080").api_url == "http://cron-1.example.org:8080"
+    given = settings("--bind", "0.0.0.0:8080", "--advertise-url", "https://cron.lb:443/")
+    assert given.api_url == "https://cron.lb:443"
+    monkeypatch.setenv("DISTCRON_ADVERTISE_URL", "http://cron-1:8080")
+    from_env = settings()
+    assert from_env.api_url == "http://cron-1:8080"
+    assert Settings.from_json(from_env.to_json()).api_url == "http://cron-1:8080"
 
 
 def test_durations_and_seconds_are_accepted_for_time_flags() -> None:
@@ -84,6 +103,10 @@ def test_the_leader_stall_timeout_has_a_default_a_flag_and_an_environment_variab
         ["--leader-stall-timeout", "soon"],
         ["--scrub-env", "A=B"],
         ["--scrub-env", " "],
+        ["--advertise-url", "cron-1:8080"],
+        ["--advertise-url", "ftp://cron-1:8080"],
+        ["--advertise-url", "http://cron-1:99999"],
+        ["--advertise-url", "http://cron-1:8080/?x=1"],
     ],
 )
 def test_bad_flags_exit_with_usage_error(

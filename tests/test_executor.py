@@ -106,7 +106,7 @@ class Harness:
         self.coordination.record_runs(self.epoch, [record])
         return record
 
-    def _poll(self, get: Callable[[], T | None], timeout: float, what: str) -> T:
+    def poll(self, get: Callable[[], T | None], timeout: float, what: str) -> T:
         deadline = self.clock.monotonic() + timeout
         while self.clock.monotonic() < deadline:
             found = get()
@@ -116,7 +116,7 @@ class Harness:
         raise AssertionError(what)
 
     def wait_report(self, run_id: str, timeout: float = 10) -> RunReport:
-        return self._poll(lambda: self.reports.get(run_id), timeout, f"no report for {run_id}")
+        return self.poll(lambda: self.reports.get(run_id), timeout, f"no report for {run_id}")
 
     def wait_state(self, run_id: str, state: RunState, timeout: float = 10) -> RunRecord:
         """The run's record once it is in ``state``: the report is written before it."""
@@ -125,7 +125,7 @@ class Harness:
             stored = self.coordination.get_run(run_id)
             return stored if stored is not None and stored.state is state else None
 
-        return self._poll(in_state, timeout, f"run {run_id} never got to {state}")
+        return self.poll(in_state, timeout, f"run {run_id} never got to {state}")
 
     def close(self) -> None:
         self.executor.stop(grace=0)
@@ -211,15 +211,18 @@ def test_missing_command_is_a_failed_run_with_a_clear_reason(h: Harness) -> None
     assert report.state is RunState.FAILED and "/no/such/binary" in report.reason
 
 
-def test_cancel_request_stops_a_running_run(h: Harness, tmp_path: Path) -> None:
+def running_long_job(h: Harness, tmp_path: Path, **fields: Any) -> RunRecord:
+    """A run of a 60 s command, once the command has started."""
     started = tmp_path / "started"
     h.job("long", shell=True, command=f"touch {started}; sleep 60")
     h.executor.start()
-    record = h.assign("long")
-    for _ in range(500):
-        if started.exists():
-            break
-        threading.Event().wait(0.02)
+    record = h.assign("long", **fields)
+    h.poll(lambda: started.exists() or None, 10, "the command to start")
+    return record
+
+
+def test_cancel_request_stops_a_running_run(h: Harness, tmp_path: Path) -> None:
+    record = running_long_job(h, tmp_path)
     assert h.coordination.request_cancel(record.run_id)
     report = h.wait_report(record.run_id)
     assert report.state is RunState.FAILED and "replaced" in report.reason
@@ -228,14 +231,7 @@ def test_cancel_request_stops_a_running_run(h: Harness, tmp_path: Path) -> None:
 def test_a_cancel_by_a_token_ends_the_run_failed_naming_who_asked(
     h: Harness, tmp_path: Path
 ) -> None:
-    started = tmp_path / "started"
-    h.job("long", shell=True, command=f"touch {started}; sleep 60")
-    h.executor.start()
-    record = h.assign("long", trigger=Trigger.MANUAL, triggered_by="ops")
-    for _ in range(500):
-        if started.exists():
-            break
-        threading.Event().wait(0.02)
+    record = running_long_job(h, tmp_path, trigger=Trigger.MANUAL, triggered_by="ops")
     assert h.coordination.request_cancel(record.run_id, "oncall")
     report = h.wait_report(record.run_id)
     assert report.state is RunState.FAILED and report.reason == "cancelled by oncall"

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ROUTES: tuple[tuple[str, type[Any]], ...] = (
     (f"{API_PREFIX}/health", resources.Health),
     (f"{API_PREFIX}/health/live", resources.Live),
+    (f"{API_PREFIX}/health/ready", resources.Ready),
     (f"{API_PREFIX}/cluster", resources.Cluster),
     (f"{API_PREFIX}/jobs", resources.Jobs),
     (f"{API_PREFIX}/jobs/{{job_id}}", resources.Job),

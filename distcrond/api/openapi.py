@@ -288,6 +288,14 @@ def _schemas() -> dict[str, Schema]:
                 "type": "object",
                 "description": "Reserved for options; send nothing or {}.",
             },
+            "Readiness": obj(
+                {
+                    "status": {"type": "string", "enum": ["ready", "not ready"]},
+                    "peer_id": STRING,
+                    "is_leader": BOOLEAN,
+                    "reasons": array(STRING),
+                }
+            ),
             "TriggerAccepted": obj(
                 {"run_id": STRING, "job_id": STRING, "slot": TIMESTAMP, "status_url": STRING}
             ),
@@ -460,6 +468,24 @@ def _paths() -> dict[str, Any]:
                 "tags": ["cluster"],
                 "security": [],
                 "responses": {**_ok("This peer answers.", "Liveness")},
+            }
+        },
+        "/api/v1/health/ready": {
+            "get": {
+                "operationId": "getReadiness",
+                "summary": "Readiness: 200 when this peer's stores answer and, if it leads, "
+                "its scheduler passes",
+                "description": "503, with the same body, when not; `reasons` says why. A "
+                "follower stays ready while the leader stalls (see `/api/v1/health`).",
+                "tags": ["cluster"],
+                "responses": {
+                    **_ok("Ready.", "Readiness"),
+                    "503": {
+                        "description": "Not ready.",
+                        "content": {JSON: {"schema": ref("Readiness")}},
+                    },
+                    **{k: v for k, v in _errors().items() if k != "503"},
+                },
             }
         },
         "/api/v1/cluster": {

@@ -310,6 +310,41 @@ class Health:
             resp.media["report_spool"] = spool.to_json()
 
 
+class Ready:
+    """Readiness: 200 when this peer can do its part, 503 (same body) when not: its
+    stores answer and, when it leads, its scheduler completed a pass within the stall
+    timeout. A follower is ready while another peer's scheduler stalls (that is the
+    leader's failure, shown by ``/health``); ``reasons`` says what is wrong."""
+
+    def __init__(self, ctx: APIContext) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        stores = {
+            "coordination": store_status(self.ctx.coordination),
+            "reports": store_status(self.ctx.reports),
+        }
+        reasons = [f"{name} store: {st.detail}" for name, st in stores.items() if not st.ok]
+        leading = False
+        if stores["coordination"].ok:
+            try:
+                leader = self.ctx.leader()
+                leading = leader is not None and leader.peer_id == self.ctx.peer_id
+                scheduler = scheduler_health(self.ctx, leader) if leading else None
+            except StoreUnavailable as e:
+                reasons.append(f"coordination store: {e}")
+            else:
+                if scheduler is not None and not scheduler.ok:
+                    reasons.append(f"this peer leads and its scheduler stalls: {scheduler.detail}")
+        resp.status = falcon.HTTP_503 if reasons else falcon.HTTP_200
+        resp.media = {
+            "status": "not ready" if reasons else "ready",
+            "peer_id": self.ctx.peer_id,
+            "is_leader": leading,
+            "reasons": reasons,
+        }
+
+
 class Cluster:
     """The leader, the live peers and which of them run a config other than the leader's."""
 
