@@ -181,31 +181,11 @@ class Executor:
 
     # -- assignments -----------------------------------------------------------
     def _on_run(self, record: RunRecord) -> None:
-        with self._lock:
-            flight = self._inflight.get(record.run_id)
-            if record.cancel_requested:
-                if flight is not None and not flight.cancel.is_set():
-                    flight.cancel_reason = cancel_reason(record)
-                    flight.cancelled_by = record.cancelled_by
-                    flight.cancel.set()
-                    self._starter_wake.set()  # a cancelled run is due at once
-                    return
-                if flight is not None or not self._owns_unstarted(record):
-                    return
-                # Cancelled before it reached this peer: it never runs. Its flight, ended
-                # from the start, makes a repeated event a no-op until it is settled.
-                ended = self._inflight[record.run_id] = _Flight(record, self._clock.now())
-                ended.cancel.set()
         if record.cancel_requested:
-            self._finish_without_running(record, RunState.FAILED, cancel_reason(record))
+            self._on_cancel(record)
             return
         with self._lock:
-            if (
-                flight is not None
-                or self._stopping
-                or record.state is not RunState.ASSIGNED
-                or record.peer_id != self._peer_id
-            ):
+            if record.run_id in self._inflight or not self._takes(record):
                 return
             now = self._clock.now()
             early = (record.slot - now).total_seconds()
@@ -218,14 +198,35 @@ class Executor:
             heapq.heappush(self._unclaimed, (start_at, next(_order), flight))
         self._starter_wake.set()
 
-    def _owns_unstarted(self, record: RunRecord) -> bool:
-        """Whether ``record`` is a run assigned to this peer, not claimed yet (caller holds
-        the lock): one this peer must end itself when its cancel comes first."""
+    def _takes(self, record: RunRecord) -> bool:
+        """Whether this peer takes ``record``: assigned to it, not claimed yet, and this
+        peer not stopping (caller holds the lock)."""
         return (
             not self._stopping
             and record.state is RunState.ASSIGNED
             and record.peer_id == self._peer_id
         )
+
+    def _on_cancel(self, record: RunRecord) -> None:
+        """A cancel requested for a run of this peer: a run it holds ends like a timeout
+        (its starter sees it due at once); one that reached it already cancelled (not
+        started yet, or moved after its peer was lost) is finished without running."""
+        with self._lock:
+            flight = self._inflight.get(record.run_id)
+            if flight is not None:
+                if not flight.cancel.is_set():
+                    flight.cancel_reason = cancel_reason(record)
+                    flight.cancelled_by = record.cancelled_by
+                    flight.cancel.set()
+                    self._starter_wake.set()
+                return
+            if not self._takes(record):
+                return
+            # Its flight, ended from the start, makes a repeated event a no-op until the
+            # settler lets it go.
+            ended = self._inflight[record.run_id] = _Flight(record, self._clock.now())
+            ended.cancel.set()
+        self._finish_without_running(record, RunState.FAILED, cancel_reason(record))
 
     def _done(self, run_id: str) -> None:
         with self._lock:
