@@ -407,9 +407,16 @@ class Scheduler:
         return list(active)
 
     def _decide(
-        self, job: JobSpec, slot: datetime, trigger: Trigger, base_run_id: str, batch: _Batch
+        self,
+        job: JobSpec,
+        slot: datetime,
+        trigger: Trigger,
+        base_run_id: str,
+        batch: _Batch,
+        by: str | None = None,
     ) -> None:
-        """Add the records of one slot to the batch: skipped, failed, or assigned run(s)."""
+        """Add the records of one slot to the batch: skipped, failed, or assigned run(s);
+        ``by``: who asked for a manual one (each record says so)."""
         active = batch.active_by_job[job.id]
         blocking = self._blocking(job, batch, trigger)
         if blocking:
@@ -420,7 +427,7 @@ class Scheduler:
                     reason += " (misfire run_all: the slot waited for it until its deadline)"
                 batch.records.append(
                     self._terminal(
-                        job, slot, trigger, base_run_id, RunState.SKIPPED, batch.now, reason
+                        job.id, slot, trigger, base_run_id, RunState.SKIPPED, batch.now, reason, by
                     )
                 )
                 return
@@ -440,7 +447,14 @@ class Scheduler:
         if not placement.assignments:
             batch.records.append(
                 self._terminal(
-                    job, slot, trigger, base_run_id, RunState.FAILED, batch.now, placement.reason
+                    job.id,
+                    slot,
+                    trigger,
+                    base_run_id,
+                    RunState.FAILED,
+                    batch.now,
+                    placement.reason,
+                    by,
                 )
             )
             return
@@ -458,6 +472,7 @@ class Scheduler:
                 epoch=self._epoch,
                 created_at=batch.now,
                 at_least_once=job.delivery == "at_least_once",
+                triggered_by=by,
             )
             batch.records.append(record)
             batch.nodes_load[assignment.node_id] += 1
@@ -466,17 +481,18 @@ class Scheduler:
 
     def _terminal(
         self,
-        job: JobSpec,
+        job_id: str,
         slot: datetime,
         trigger: Trigger,
         run_id: str,
         state: RunState,
         now: datetime,
         reason: str,
+        by: str | None = None,
     ) -> RunRecord:
         return RunRecord(
             run_id=run_id,
-            job_id=job.id,
+            job_id=job_id,
             slot=slot,
             node_id=None,
             peer_id=None,
@@ -486,6 +502,7 @@ class Scheduler:
             created_at=now,
             ended_at=now,
             reason=reason,
+            triggered_by=by,
         )
 
     def _commit(self, batch: _Batch) -> None:
@@ -522,7 +539,7 @@ class Scheduler:
         for slot in [*missed.items, *dropped]:
             batch.records.append(
                 self._terminal(
-                    job,
+                    job.id,
                     slot,
                     Trigger.MISFIRE,
                     run_id_for(job.id, slot),
@@ -552,27 +569,22 @@ class Scheduler:
         batch = self._new_batch(self._clock.now())
         for request in requests:
             job = jobs.get(request.job_id)
-            first = len(batch.records)
+            by = request.requested_by or None
             if job is None:
                 batch.records.append(
-                    RunRecord(
-                        run_id=request.run_id,
-                        job_id=request.job_id,
-                        slot=request.slot,
-                        node_id=None,
-                        peer_id=None,
-                        state=RunState.FAILED,
-                        trigger=Trigger.MANUAL,
-                        epoch=self._epoch,
-                        created_at=batch.now,
-                        ended_at=batch.now,
-                        reason=f"job {request.job_id} is not defined",
+                    self._terminal(
+                        request.job_id,
+                        request.slot,
+                        Trigger.MANUAL,
+                        request.run_id,
+                        RunState.FAILED,
+                        batch.now,
+                        f"job {request.job_id} is not defined",
+                        by,
                     )
                 )
             else:
-                self._decide(job, request.slot, Trigger.MANUAL, request.run_id, batch)
-            by = request.requested_by or None  # each record of the request says who asked
-            batch.records[first:] = [r.replace(triggered_by=by) for r in batch.records[first:]]
+                self._decide(job, request.slot, Trigger.MANUAL, request.run_id, batch, by)
         self._commit(batch)
         for request in requests:
             self._coordination.remove_trigger(request.run_id)
