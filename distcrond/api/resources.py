@@ -587,10 +587,11 @@ class RunCancel:
         _split_run_id(run_id)
         _no_fields_body(req)
         coordination = self.ctx.coordination
-        record = coordination.get_run(run_id)
-        if record is None or not coordination.request_cancel(run_id, requester(req)):
+        if not coordination.request_cancel(run_id, requester(req)):  # unknown or ended
             self._not_active(run_id)
-        record = coordination.get_run(run_id) or record
+        record = coordination.get_run(run_id)
+        if record is None:  # ended and pruned since
+            self._not_active(run_id)
         status_url = f"{API_PREFIX}/runs/{run_id}"
         resp.status = falcon.HTTP_202
         resp.location = status_url
