@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(a cluster of one, with its state in SQLite, when no ZooKeeper is given).",
     )
     p.add_argument("--version", action="version", version=f"distcrond {__version__}")
+    _add_directory_flags(p)
     _add_peer_flags(p)
     _add_run_flags(p)
     _add_cluster_flags(p)
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_peer_flags(p: argparse.ArgumentParser) -> None:
-    """Directories, the API's address, logging, limits and retention."""
+def _add_directory_flags(p: argparse.ArgumentParser) -> None:
+    """Where the job and node files are, and the state directory."""
     p.add_argument(
         "--jobs-dir",
         "--jobsDirectory",
@@ -153,6 +154,10 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
         help="where the embedded stores keep their files "
         "(env DISTCRON_STATE_DIR; default %(default)s)",
     )
+
+
+def _add_peer_flags(p: argparse.ArgumentParser) -> None:
+    """This peer: its id, the API's address and workers, logging."""
     p.add_argument(
         "--bind",
         type=_bind,

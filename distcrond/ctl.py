@@ -479,9 +479,9 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The common options work before or after the command; SUPPRESS keeps a
-    # subcommand from overwriting a value given before it with its default.
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes: they work before or after the command; SUPPRESS
+    keeps a subcommand from overwriting a value given before it with its default."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url",
@@ -508,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="read the API token from FILE",
     )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="distcronctl",
         description="Ask a distcrond cluster about its jobs and runs.",
