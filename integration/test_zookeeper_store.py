@@ -474,6 +474,44 @@ class Sent:
         client._call = call  # type: ignore[method-assign]
 
 
+def lose_the_first_reply(client: KazooClient, kind: str = "Transaction") -> list[str]:
+    """Send the first request of ``kind`` for real, and answer its caller ConnectionLoss
+    once the server has answered: a reply lost after the server committed."""
+    original = client._call
+    lost: list[str] = []
+
+    def call(request: Any, async_object: Any) -> object:
+        if type(request).__name__ != kind or lost:
+            return original(request, async_object)
+        lost.append(kind)
+        real = client.handler.async_result()
+        real.rawlink(lambda _done: async_object.set_exception(ConnectionLoss()))
+        return original(request, real)
+
+    client._call = call  # type: ignore[method-assign]
+    return lost
+
+
+def test_runs_an_attempt_recorded_before_its_reply_was_lost_are_this_calls_and_once(
+    make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
+) -> None:
+    """After a lost reply the store reads which runs exist: those with its own payload
+    were created by the attempt whose reply was lost, so this call created them."""
+    store, client = make_store()
+    epoch = lead(store, "l")
+    # Run 5 makes the parents of l's runs: the next transaction is the one that records.
+    store.record_runs(epoch, [run("backup", 5, "l")])
+    lost = lose_the_first_reply(client)
+    runs = [run("backup", 1, "l"), run("backup", 2, "l")]
+
+    created = store.record_runs(epoch, runs)
+
+    assert lost == ["Transaction"]  # committed, and its caller saw a ConnectionLoss
+    assert created == runs
+    assert store.get_runs([r.run_id for r in runs]) == runs
+    assert store.record_runs(epoch, runs) == []  # recorded once: not again
+
+
 def test_runs_handed_to_a_peer_are_claimed_and_finished_in_one_transaction_each_without_reads(
     make_store: Callable[..., tuple[ZooKeeperCoordinationStore, KazooClient]],
 ) -> None:

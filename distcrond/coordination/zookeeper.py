@@ -469,13 +469,7 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             # fails (NodeExists) names the run, which is then left out and the rest retried.
             # Cursor versions come from this instance's cache (the leader is their only
             # writer); a stale one fails the check and is read again.
-            existing: set[str] = set()
-            ours: set[str] = set()
-            if lost:  # runs an earlier attempt of this call may have created: one read
-                found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in wanted])
-                recorded = [(r, got) for r, got in zip(wanted, found, strict=True) if got]
-                existing = {r.run_id for r, _ in recorded}
-                ours = {r.run_id for r, got in recorded if got[0] == payloads[r.run_id]}
+            existing, ours = self._recorded_before(wanted, payloads) if lost else (set(), set())
             for _ in range(CAS_ATTEMPTS):
                 node = self._fence_node(epoch)
                 new = [r for r in wanted if r.run_id not in existing]
@@ -543,6 +537,16 @@ class ZooKeeperCoordinationStore(CoordinationStore):
             raise StoreUnavailable("recording runs: too much contention")
 
         return self._retry(attempt)
+
+    def _recorded_before(
+        self, wanted: Sequence[RunRecord], payloads: dict[str, bytes]
+    ) -> tuple[set[str], set[str]]:
+        """After a lost reply (an earlier attempt may have committed), in one read: the
+        runs that exist, and those among them with our payload (that attempt's, ours)."""
+        found = self._get_many([self._paths.run(r.job_id, r.run_id) for r in wanted])
+        recorded = [(r, got) for r, got in zip(wanted, found, strict=True) if got]
+        existing = {r.run_id for r, _ in recorded}
+        return existing, {r.run_id for r, got in recorded if got[0] == payloads[r.run_id]}
 
     def _cursor_versions(self, job_ids: list[str]) -> dict[str, tuple[datetime, int]]:
         """(slot, znode version) of the jobs' cursors that exist, from the cache or read."""
