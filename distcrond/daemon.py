@@ -33,6 +33,7 @@ from distcrond.execution.health import NodeHealthTracker
 from distcrond.execution.local import LocalRunner
 from distcrond.execution.ssh import SSHRunner
 from distcrond.leadership import LeadershipMonitor
+from distcrond.reporting.base import ReportStore
 from distcrond.scheduling.scheduler import Scheduler
 from distcrond.settings import Settings
 from distcrond.statedir import acquire_state_lock, private_dir
@@ -112,37 +113,10 @@ class Daemon:
             reports = open_reports(s, writer=True)
             stack.callback(reports.close)
 
-            config = self._registry.reload()
-            for error in config.errors:
-                log.warning(
-                    "config error in %s: %s: %s", error.file, error.field or "-", error.reason
-                )
-            log.info("loaded %d jobs and %d nodes", len(config.jobs), len(config.nodes))
-            self._write_tokens(config)
-
+            config = self._load_config()
             runners, ssh = self._runners(stack)
-
-            health = NodeHealthTracker(
-                coordination, ssh.probe, lambda: self._registry.current, s.peer_id, self.clock
-            )
-            health.start()
-            stack.callback(health.stop)
-            executor = Executor(
-                coordination,
-                reports,
-                runners,
-                lambda: self._registry.current,
-                s.peer_id,
-                self.clock,
-                s.max_concurrent_runs,
-                health,
-            )
-            if not s.zookeeper:
-                self._forget_dead_peers(coordination)
-            # Before any run arrives: the collection this takes delays no run.
-            log.info("froze %d objects built at start out of the collector's way", freeze_heap())
-            executor.start()
-            stack.callback(executor.stop, s.shutdown_grace)
+            self._ssh = ssh
+            self._start_executor(stack, coordination, reports, runners, ssh)
 
             self._publish(config)
             stack.callback(coordination.unregister_peer, s.peer_id)
@@ -152,32 +126,7 @@ class Daemon:
             stack.callback(api.stop)
             log.info("API listening on http://%s/api/v1/ (peer %s)", s.bind, s.peer_id)
 
-            scheduler = Scheduler(
-                coordination,
-                reports,
-                lambda: self._registry.current,
-                self.clock,
-                supported_types=runners.keys(),
-                retention=s.run_retention,
-                retention_count=s.run_retention_count,
-                # Deposed mid-pass: that term ends (the store's election decides what next).
-                on_fenced=lambda epoch: monitor.fenced(epoch),
-            )
-            self._scheduler = scheduler
-            coordination.watch_triggers(scheduler.triggers_queued)
-
-            watcher = ConfigWatcher(self._registry, self._on_config)
-            watcher.start()
-            stack.callback(watcher.stop)
-
-            monitor = LeadershipMonitor(
-                scheduler, coordination, s.peer_id, self.clock, s.leader_stall_timeout
-            )
-            monitor.start()
-            coordination.start_election(s.peer_id, monitor)
-            stack.callback(coordination.stop_election)
-            # Stop scheduling before abdicating, so that no pass is fenced out mid-way.
-            stack.callback(monitor.close)
+            self._start_scheduling(stack, coordination, reports, runners)
 
             # A timed wait: a signal that the kernel hands to another thread leaves the main
             # thread's untimed lock wait asleep, and Python runs handlers on the main thread
@@ -187,6 +136,86 @@ class Daemon:
             log.info("stopping peer %s", s.peer_id)
         log.info("peer %s stopped", s.peer_id)
         return 0
+
+    def _current_config(self) -> LoadedConfig:
+        """The config in force (the watcher replaces it)."""
+        return self._registry.current
+
+    def _load_config(self) -> LoadedConfig:
+        """The first load of the job, node and tokens files (a bad tokens file stops us)."""
+        config = self._registry.reload()
+        for error in config.errors:
+            log.warning("config error in %s: %s: %s", error.file, error.field or "-", error.reason)
+        log.info("loaded %d jobs and %d nodes", len(config.jobs), len(config.nodes))
+        self._write_tokens(config)
+        return config
+
+    def _start_executor(
+        self,
+        stack: ExitStack,
+        coordination: CoordinationStore,
+        reports: ReportStore,
+        runners: dict[str, Runner],
+        ssh: SSHRunner,
+    ) -> None:
+        """Node health checks and the executor, each stopped when ``stack`` unwinds."""
+        s = self.settings
+        current = self._current_config
+        health = NodeHealthTracker(coordination, ssh.probe, current, s.peer_id, self.clock)
+        health.start()
+        stack.callback(health.stop)
+        executor = Executor(
+            coordination,
+            reports,
+            runners,
+            current,
+            s.peer_id,
+            self.clock,
+            s.max_concurrent_runs,
+            health,
+        )
+        if not s.zookeeper:
+            self._forget_dead_peers(coordination)
+        # Before any run arrives: the collection this takes delays no run.
+        log.info("froze %d objects built at start out of the collector's way", freeze_heap())
+        executor.start()
+        stack.callback(executor.stop, s.shutdown_grace)
+
+    def _start_scheduling(
+        self,
+        stack: ExitStack,
+        coordination: CoordinationStore,
+        reports: ReportStore,
+        runners: dict[str, Runner],
+    ) -> None:
+        """The scheduler, the config watcher and the stand for leadership; unwinding
+        ``stack`` stops scheduling before abdicating, so no pass is fenced out mid-way."""
+        s = self.settings
+        scheduler = Scheduler(
+            coordination,
+            reports,
+            self._current_config,
+            self.clock,
+            supported_types=runners.keys(),
+            retention=s.run_retention,
+            retention_count=s.run_retention_count,
+            # Deposed mid-pass: that term ends (the store's election decides what next).
+            on_fenced=lambda epoch: monitor.fenced(epoch),
+        )
+        self._scheduler = scheduler
+        coordination.watch_triggers(scheduler.triggers_queued)
+
+        watcher = ConfigWatcher(self._registry, self._on_config)
+        watcher.start()
+        stack.callback(watcher.stop)
+
+        monitor = LeadershipMonitor(
+            scheduler, coordination, s.peer_id, self.clock, s.leader_stall_timeout
+        )
+        monitor.start()
+        coordination.start_election(s.peer_id, monitor)
+        stack.callback(coordination.stop_election)
+        stack.callback(monitor.close)
 
     def _runners(self, stack: ExitStack) -> tuple[dict[str, Runner], SSHRunner]:
         """The runners by connection type (and the SSH one, whose probe node health uses),
