@@ -115,7 +115,6 @@ class Daemon:
 
             config = self._load_config()
             runners, ssh = self._runners(stack)
-            self._ssh = ssh
             self._start_executor(stack, coordination, reports, runners, ssh)
 
             self._publish(config)
