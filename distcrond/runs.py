@@ -125,6 +125,16 @@ class RunRecord:
             "cancelled_by": self.cancelled_by,
         }
 
+    def to_stored_json(self) -> dict[str, Any]:
+        """:meth:`to_json` without the fields at their defaults, as a store keeps it.
+
+        ZooKeeper holds every record in its servers' heaps and writes them all in the
+        snapshot a new ensemble leader takes before it serves: a third less to write
+        is a third less of that pause. :meth:`from_json` reads either form, and a peer
+        of an earlier version too (it reads each of these fields with its default).
+        """
+        return {k: v for k, v in self.to_json().items() if _STORED_DEFAULTS.get(k, _KEEP) != v}
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunRecord:
         def dt(key: str) -> datetime | None:
@@ -151,6 +161,27 @@ class RunRecord:
             triggered_by=data.get("triggered_by"),
             cancelled_by=data.get("cancelled_by"),
         )
+
+
+_KEEP = object()
+# The JSON value of each optional RunRecord field at its default: to_stored_json leaves
+# such fields out. run_id, job_id, slot and state are always written.
+_STORED_DEFAULTS: dict[str, Any] = {
+    "node_id": None,
+    "peer_id": None,
+    "trigger": Trigger.SCHEDULE.value,
+    "attempt": 0,
+    "epoch": 0,
+    "created_at": None,
+    "started_at": None,
+    "ended_at": None,
+    "exit_code": None,
+    "reason": "",
+    "at_least_once": False,
+    "cancel_requested": False,
+    "triggered_by": None,
+    "cancelled_by": None,
+}
 
 
 @dataclass(frozen=True)

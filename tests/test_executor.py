@@ -389,6 +389,51 @@ def test_a_run_delivered_while_claims_are_refused_starts_once_they_are_accepted(
     suspended.close()
 
 
+class AwayCoordination(SQLiteCoordinationStore):
+    """The real store behind a connection that can be away: claims are refused (as a
+    suspended ZooKeeper session refuses them) until ``connected`` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.connected = threading.Event()
+        self.refused: list[float] = []
+        self.claimed_at: float | None = None
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def claim_runs(
+        self, run_ids: Sequence[str], peer_id: str, started_at: datetime
+    ) -> dict[str, RunRecord]:
+        if not self.connected.is_set():
+            self.refused.append(time.monotonic())
+            raise StoreUnavailable("ZooKeeper session is SUSPENDED: not claiming")
+        self.claimed_at = time.monotonic()
+        return super().claim_runs(run_ids, peer_id, started_at)
+
+
+@pytest.mark.timeout(30)
+def test_a_claim_refused_while_the_store_is_away_is_made_as_it_comes_back(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not at the next step of the back-off: refused four times (0.1 + 0.2 + 0.4 s apart),
+    the back-off alone would try again 0.8 s after the fourth refusal."""
+    monkeypatch.setattr(executor_module, "CLAIM_RETRY_MAX", 60.0)
+    away = AwayCoordination(tmp_path / "away.sqlite3")
+    h.use(away)
+    h.job("hello")
+    h.executor.start()
+    record = h.assign("hello")
+    h.poll(lambda: len(away.refused) >= 4 or None, 10, "the claim was not refused four times")
+    back = time.monotonic()
+    away.connected.set()
+    assert h.wait_report(record.run_id).state is RunState.SUCCEEDED
+    assert away.claimed_at is not None
+    assert away.claimed_at - back < 0.4, f"claimed {away.claimed_at - back:.2f} s after"
+    h.executor.stop(grace=1)
+    away.close()
+
+
 def test_a_run_assigned_before_its_slot_is_claimed_and_started_at_its_instant(
     h: Harness, tmp_path: Path
 ) -> None:

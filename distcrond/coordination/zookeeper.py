@@ -143,7 +143,7 @@ _CONNECTION_RETRY = {"max_tries": -1, "delay": 0.02, "backoff": 1.5, "max_delay"
 
 
 def _encode(record: RunRecord) -> bytes:
-    return json.dumps(record.to_json(), separators=(",", ":"), sort_keys=True).encode()
+    return json.dumps(record.to_stored_json(), separators=(",", ":"), sort_keys=True).encode()
 
 
 def _decode(data: bytes) -> RunRecord:
