@@ -86,6 +86,7 @@ class Daemon:
         self._coordination: CoordinationStore | None = None
         self._registry = ConfigRegistry(settings.jobs_dir, settings.nodes_dir, settings.api_tokens)
         self._scheduler: Scheduler | None = None
+        self._ssh: SSHRunner | None = None
         self._tokens_written: TokenTable | None = None
 
     def request_stop(self, *_: object) -> None:
@@ -115,6 +116,7 @@ class Daemon:
 
             config = self._load_config()
             runners, ssh = self._runners(stack)
+            self._ssh = ssh
             self._start_executor(stack, coordination, reports, runners, ssh)
 
             self._publish(config)
@@ -249,6 +251,8 @@ class Daemon:
         )
         self._publish(config)
         self._write_tokens(config)
+        if self._ssh is not None:  # a removed node file's connections go
+            self._ssh.keep_only(config.nodes.keys())
         if self._scheduler is not None:
             self._scheduler.config_changed()
 

@@ -52,7 +52,10 @@ def parse_slot(text: str) -> datetime:
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         raise ValueError(f"{text!r} has no time zone")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the calendar in UTC
+        raise ValueError(f"{text!r} is outside the calendar in UTC") from None
 
 
 def run_id_for(job_id: str, slot: datetime, node_id: str | None = None) -> str:

@@ -8,6 +8,7 @@ kill the remote process group, bounded output, pooled connections), then real
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -264,6 +265,40 @@ def test_a_cancel_through_the_api_ends_the_remote_process_group(
     assert run["reason"] == "cancelled by anonymous" and run["cancelled_by"] == "anonymous"
     assert run["node_id"] in ("ssh-2", "ssh-3") and "never" not in run["stdout"]
     wait_remote_gone(address, f"sleep {marker}", timeout=10)
+
+
+def established_to(address: str, port: int) -> int:
+    """TCP connections of this machine established to ``address:port`` (ss, iproute2)."""
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"( dst {address} and dport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
+
+
+def test_the_pooled_connection_of_a_removed_node_file_is_closed(
+    ssh_peer: Peer, ssh_hosts: list[SSHHost]
+) -> None:
+    host = ssh_hosts[0]
+    ssh_peer.write_node("solo", host.node_file(["solo"]))
+    ssh_peer.write_job(
+        "once",
+        {
+            "schedule": {"interval": "24h"},
+            "policy": {"roles": ["solo"]},
+            "command": "true",
+            "shell": True,
+        },
+    )
+    ssh_peer.start()
+    run_id = ssh_peer.post("/api/v1/jobs/once/runs").json()["run_id"]
+    ssh_peer.wait_run(run_id, ("succeeded",), timeout=20)
+    assert established_to(host.address, host.port) >= 1  # pooled, kept for the next run
+
+    (ssh_peer.nodes_dir / "solo.json").unlink()
+    wait_for(lambda: established_to(host.address, host.port) == 0, 10, "the connection closed")
 
 
 def test_hosts_all_runs_on_every_matching_node_and_roles_filter(

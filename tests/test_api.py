@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from falcon.testing import TestClient
 
 import distcrond
 from distcrond.api import create_app
+from distcrond.api.limits import MAX_BODY_BYTES
 from distcrond.clock import FakeClock
 from distcrond.config.models import JobSpec, NodeSpec
 from distcrond.coordination.base import (
@@ -667,6 +669,70 @@ def test_trigger_queues_a_manual_run_and_answers_202_with_its_status_url(
         "state": "queued",
         "source": "triggers",
     }
+
+
+def test_a_body_over_1_mib_is_413_and_one_of_unknown_length_411_before_it_is_read(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    big = b"{" + b" " * MAX_BODY_BYTES + b"}"
+    refused = client.simulate_post(
+        "/api/v1/jobs/backup/runs", body=big, headers={"Content-Type": "application/json"}
+    )
+    assert_error(refused, falcon.HTTP_413)
+    chunked = client.simulate_post(
+        "/api/v1/jobs/backup/runs",
+        body=b"{}",
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
+    assert_error(chunked, falcon.HTTP_411)
+    assert coordination.pending_triggers() == []  # neither was read, nor queued a run
+    just_fits = b"{" + b" " * (MAX_BODY_BYTES - 2) + b"}"
+    accepted = client.simulate_post(
+        "/api/v1/jobs/backup/runs", body=just_fits, headers={"Content-Type": "application/json"}
+    )
+    assert accepted.status == falcon.HTTP_202
+
+
+EDGE_INSTANTS = (
+    "0001-01-01T00:00:00+01:00",  # before the calendar once in UTC
+    "9999-12-31T23:59:59.999999-01:00",  # after it
+    "9999-12-31T23:59:59.999999Z",  # its last instant
+    "0001-01-01T00:00:00Z",  # its first
+)
+HUGE = 2**63
+EDGE_REQUESTS = [
+    *(
+        ("GET", f"/api/v1/runs?{q}={t.replace('+', '%2B')}")
+        for t in EDGE_INSTANTS
+        for q in ("since", "until")
+    ),
+    *(("GET", f"/api/v1/runs/backup@{t.replace('+', '%2B')}") for t in EDGE_INSTANTS),
+    *(("POST", f"/api/v1/runs/backup@{t.replace('+', '%2B')}/cancel") for t in EDGE_INSTANTS),
+    ("GET", f"/api/v1/runs?cursor={base64.urlsafe_b64encode(f'{HUGE}|x'.encode()).decode()}"),
+    ("GET", f"/api/v1/runs?cursor={base64.urlsafe_b64encode(f'-{HUGE + 1}|x'.encode()).decode()}"),
+]
+
+
+@pytest.mark.parametrize(("method", "target"), EDGE_REQUESTS)
+def test_instants_at_the_calendars_edges_and_huge_cursors_are_never_a_500(
+    client: TestClient, method: str, target: str
+) -> None:
+    path, _, query = target.partition("?")
+    result = client.simulate_request(method, path, query_string=query)
+    assert result.status_code in (200, 400, 404), (target, result.text)
+    assert result.headers["content-type"].startswith("application/json")
+
+
+def test_a_deeply_nested_body_is_400_not_a_500(
+    client: TestClient, coordination: SQLiteCoordinationStore
+) -> None:
+    publish(coordination)
+    body = b"[" * 100_000 + b"]" * 100_000
+    result = client.simulate_post(
+        "/api/v1/jobs/backup/runs", body=body, headers={"Content-Type": "application/json"}
+    )
+    assert "nested too deeply" in assert_error(result, falcon.HTTP_400)["description"]
 
 
 # -- cancel -----------------------------------------------------------------------

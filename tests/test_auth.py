@@ -211,6 +211,32 @@ def test_read_reads_operate_triggers_and_a_role_too_low_is_403(client: TestClien
         assert accepted.status_code == 202, name
 
 
+def test_a_jobs_env_values_are_shown_to_admin_only(
+    client: TestClient,
+    stores: tuple[SQLiteCoordinationStore, SQLiteReportStore],
+) -> None:
+    coordination, reports = stores
+    spec = JobSpec.model_validate(
+        {
+            "id": "deploy",
+            "schedule": {"cron": "0 3 * * *"},
+            "command": ["/bin/true"],
+            "env": {"API_KEY": "s3cr3t", "REGION": "eu"},
+        }
+    )
+    coordination.publish_config(
+        ConfigSnapshot("peer-a", "d2", {"deploy": spec.model_dump(mode="json")}, {}, [], NOW)
+    )
+    for name in ("reader", "ops"):
+        job = client.simulate_get("/api/v1/jobs/deploy", headers=bearer(name)).json["job"]
+        assert job["env"] == {"API_KEY": "<hidden>", "REGION": "<hidden>"}, name
+    shown = client.simulate_get("/api/v1/jobs/deploy", headers=bearer("root")).json["job"]
+    assert shown["env"] == {"API_KEY": "s3cr3t", "REGION": "eu"}
+    # Without tokens nobody has a role: the values stay hidden there too.
+    open_api = TestClient(create_app(coordination, reports, "peer-a", FakeClock(NOW)))
+    assert open_api.simulate_get("/api/v1/jobs/deploy").json["job"]["env"]["API_KEY"] == "<hidden>"
+
+
 def test_cancel_needs_operate_and_records_the_token_that_asked(
     client: TestClient, stores: tuple[SQLiteCoordinationStore, SQLiteReportStore]
 ) -> None:

@@ -223,6 +223,46 @@ def test_node_rule_across_fields_names_the_field(
     )
 
 
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"command": ["/bin/echo", "a\u0000b"]}, "command", "argument 1 holds a NUL byte"),
+        ({"command": "echo a\u0000b", "shell": True}, "command", "the command holds a NUL"),
+        ({"env": {"TOKEN": "x\u0000y"}}, "env", "the value of TOKEN holds a NUL byte"),
+        ({"command": ["/bin/echo", "x" * 131_072]}, "command", "argument 1 is 131072 bytes"),
+        ({"env": {"BIG": "x" * 131_068}}, "env", "the value of BIG is 131072 bytes"),
+    ],
+)
+def test_what_no_exec_can_carry_is_a_bad_file_not_a_failing_job(
+    registry: ConfigRegistry,
+    dirs: tuple[Path, Path],
+    fields: dict[str, Any],
+    field: str,
+    reason: str,
+) -> None:
+    jobs, _ = dirs
+    write(jobs / "bad.json", {**JOB, **fields})
+    error = only_error(registry.reload())
+    assert error.file.endswith("bad.json") and error.field == field
+    assert reason in error.reason, error.reason
+
+
+def test_an_argument_just_under_the_kernels_limit_loads(dirs: tuple[Path, Path]) -> None:
+    jobs, _ = dirs
+    path = write(jobs / "big.json", {**JOB, "command": ["/bin/echo", "x" * 131_071]})
+    assert isinstance(load_file(path, JobSpec), JobSpec)
+
+
+def test_a_file_over_1_mb_is_refused_unparsed(
+    registry: ConfigRegistry, dirs: tuple[Path, Path]
+) -> None:
+    jobs, _ = dirs
+    (jobs / "huge.json").write_text(json.dumps({**JOB, "description": "x" * (1024 * 1024)}))
+    error = only_error(registry.reload())
+    assert error.file.endswith("huge.json") and error.field == ""
+    assert "over 1048576 bytes" in error.reason
+
+
 def test_config_error_to_json() -> None:
     error = ConfigError("/etc/jobs.d/a.json", "schedule.interval", "bad")
     assert error.to_json() == {

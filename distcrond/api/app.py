@@ -17,6 +17,7 @@ import falcon
 
 from distcrond.api import resources
 from distcrond.api.auth import Authorization, TokenSource
+from distcrond.api.limits import BodyLimit
 from distcrond.api.metrics import Metrics
 from distcrond.api.resources import API_PREFIX, APIContext
 from distcrond.clock import Clock
@@ -64,7 +65,8 @@ def create_app(
     if its reports go to Elasticsearch, is ``spool_dir``); with ``tokens``, only to the
     holders of a token with the role each route needs (see :mod:`distcrond.api.auth`)."""
     ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir, stall_timeout)
-    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=[Authorization(tokens, peer_id)])
+    middleware: list[Any] = [BodyLimit(), Authorization(tokens, peer_id)]  # in this order
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in ROUTES:
         app.add_route(template, resource(ctx))

@@ -91,6 +91,13 @@ def requester(req: falcon.Request) -> str:
     return getattr(req.context, "token_name", None) or ANONYMOUS
 
 
+def has_role(req: falcon.Request, role: Role) -> bool:
+    """Whether the request's token has ``role`` or more (False without a token, and on
+    a peer without tokens: what only a role may see is shown to nobody there)."""
+    level: Role | None = getattr(req.context, "token_level", None)
+    return level is not None and level >= role
+
+
 def bearer_token(req: falcon.Request) -> str | None:
     header = req.get_header("Authorization")
     if not header:
@@ -110,6 +117,7 @@ class Authorization:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.token_name = None
+        req.context.token_level = None
 
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
@@ -119,6 +127,7 @@ class Authorization:
             return
         entry = self._authenticate(req)
         req.context.token_name = entry.name
+        req.context.token_level = entry.level
         if entry.level < needed:
             raise falcon.HTTPForbidden(
                 title="Forbidden",

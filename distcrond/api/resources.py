@@ -23,7 +23,7 @@ import falcon
 
 import distcrond
 from distcrond.api import openapi
-from distcrond.api.auth import requester
+from distcrond.api.auth import has_role, requester
 from distcrond.clock import Clock
 from distcrond.config.models import JobSpec
 from distcrond.config.tokens import Role
@@ -425,7 +425,7 @@ class Job:
         job = self.ctx.job(job_id, snap)
         cursor = self.ctx.coordination.cursors().get(job_id)
         resp.media = {
-            "job": job,
+            "job": job if has_role(req, Role.ADMIN) else _env_names_only(job),
             "next_slot": _next_slot(self.ctx, job_id, job, cursor),
             "last_run": _last_run(self.ctx, job_id),
             "active_runs": [r.to_json() for r in _active_records(self.ctx, job_id)],
@@ -557,7 +557,11 @@ class Run:
         """The per-node runs (``<run_id>~<node>``) of a slot a policy ran on several nodes."""
         prefix = f"{run_id}~"
         found: dict[str, dict[str, Any]] = {}
-        query = RunQuery(job_id=job_id, since=slot, until=slot + ONE_MICROSECOND, limit=MAX_LIMIT)
+        try:
+            until = slot + ONE_MICROSECOND
+        except OverflowError:  # the calendar's last instant
+            until = slot
+        query = RunQuery(job_id=job_id, since=slot, until=until, limit=MAX_LIMIT)
         reports: list[RunReport] = self.ctx.reports.list_runs(query).runs
         for report in reports:
             if report.run_id.startswith(prefix):
@@ -621,6 +625,17 @@ class RunCancel:
         raise falcon.HTTPNotFound(title="Unknown run", description=f"No run {run_id!r} is known.")
 
 
+HIDDEN = "<hidden>"  # a job's env value, shown to the role admin only
+
+
+def _env_names_only(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's definition with its env values hidden (they often hold credentials)."""
+    env = job.get("env")
+    if not env:
+        return job
+    return job | {"env": dict.fromkeys(env, HIDDEN)}
+
+
 def _split_run_id(run_id: str) -> tuple[str, datetime, str | None]:
     """(job, slot, node) of a run id from a path; 400 when it is not one."""
     try:
@@ -634,7 +649,12 @@ def _split_run_id(run_id: str) -> tuple[str, datetime, str | None]:
 
 def _no_fields_body(req: falcon.Request) -> None:
     """A POST whose body carries no fields yet: optional, but JSON (an object) if present."""
-    body = req.get_media(default_when_empty=None)
+    try:
+        body = req.get_media(default_when_empty=None)
+    except RecursionError:  # [[[[...: json.loads gives up, as it should
+        raise falcon.HTTPBadRequest(
+            title="Invalid body", description="The body is nested too deeply to be read."
+        ) from None
     if body is not None and not isinstance(body, dict):
         raise falcon.HTTPBadRequest(
             title="Invalid body", description="The body, if any, must be a JSON object."

@@ -117,6 +117,9 @@ def config_digest(jobs: Mapping[str, JobSpec], nodes: Mapping[str, NodeSpec]) ->
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+MAX_FILE_BYTES = 1024 * 1024  # a job or node file is a few hundred bytes; 1 MB is not one
+
+
 def is_config_file(path: Path) -> bool:
     """Whether a directory entry's name is one of a config file (not hidden, not a temp file)."""
     name = path.name
@@ -156,7 +159,11 @@ def read_json_object(path: Path) -> dict[str, Any] | list[ConfigError]:
     """A config file's JSON object, or the error saying why it is not one (never raises)."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            return [ConfigError(file, "", f"the file is over {MAX_FILE_BYTES} bytes")]
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         return [ConfigError(file, "", f"cannot read the file: {e}")]
     try:

@@ -211,6 +211,20 @@ class Delivery(StrEnum):
     AT_LEAST_ONCE = "at_least_once"
 
 
+# Linux refuses to exec an argument or environment string longer than this
+# (MAX_ARG_STRLEN, 32 pages), and no exec can carry a NUL byte: caught at load, a file
+# with either is one bad file instead of a job whose every run fails.
+MAX_ARG_BYTES = 128 * 1024
+
+
+def _exec_string(value: str, what: str) -> None:
+    if "\0" in value:
+        raise ValueError(f"{what} holds a NUL byte, which no command can be given")
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size >= MAX_ARG_BYTES:
+        raise ValueError(f"{what} is {size} bytes; the kernel takes at most {MAX_ARG_BYTES - 1}")
+
+
 class JobSpec(_Frozen):
     """One job file. `id` is the file name without `.json`."""
 
@@ -260,11 +274,12 @@ class JobSpec(_Frozen):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
+        for key, value in v.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
             if key.startswith("DISTCRON_"):
                 raise ValueError(f"{key!r}: DISTCRON_* variables are set by distcrond")
+            _exec_string(f"{key}={value}", f"the value of {key}")
         return v
 
     @field_validator("command")
@@ -283,6 +298,8 @@ class JobSpec(_Frozen):
                 )
             if not v or not v[0]:
                 raise ValueError("must be a non-empty argv list")
+        for i, arg in enumerate((v,) if isinstance(v, str) else v):
+            _exec_string(arg, "the command" if isinstance(v, str) else f"argument {i}")
         return v
 
     @property

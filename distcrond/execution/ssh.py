@@ -44,6 +44,7 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -331,6 +332,14 @@ class SSHRunner(Runner):
             pool.connections = [c for c in pool.connections if c.channels > 0]
         for conn in idle:
             conn.transport.close()
+
+    def keep_only(self, node_ids: Collection[str]) -> None:
+        """Close the pooled connections of every node not in ``node_ids`` (its file was
+        removed): idle ones now, busy ones when their runs end."""
+        with self._lock:
+            gone = [self._pools.pop(n) for n in list(self._pools) if n not in node_ids]
+        for pool in gone:
+            self._retire(pool)
 
     def connections(self, node_id: str) -> int:
         """Open transports to a node (for tests and figures)."""

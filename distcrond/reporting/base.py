@@ -61,9 +61,10 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
     try:
         text = base64.urlsafe_b64decode(cursor.encode("ascii")).decode()
         slot_text, sep, run_id = text.partition("|")
-        if not sep or not run_id:
+        slot_us = int(slot_text)
+        if not sep or not run_id or not -(2**63) <= slot_us < 2**63:  # SQLite's integers
             raise ValueError(cursor)
-        return int(slot_text), run_id
+        return slot_us, run_id
     except (ValueError, binascii.Error, UnicodeError):
         raise ValueError("invalid cursor") from None
 
