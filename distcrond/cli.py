@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import socket
+import ssl
+import stat
 import sys
 import urllib.parse
 from collections.abc import Sequence
@@ -376,6 +378,21 @@ def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
         "who can reach it (env DISTCRON_API_INSECURE=1; warned about at every start)",
     )
     p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env("TLS_CERT"),
+        metavar="FILE",
+        help="serve the API over HTTPS with this PEM certificate (chain), with --tls-key "
+        "(env DISTCRON_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key",
+        type=Path,
+        default=_env("TLS_KEY"),
+        metavar="FILE",
+        help="the PEM private key of --tls-cert, unencrypted (env DISTCRON_TLS_KEY)",
+    )
+    p.add_argument(
         "--check",
         action="store_true",
         help="validate the job and node files, print any errors, and exit (1 if any)",
@@ -416,6 +433,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         api_tokens=args.api_tokens or None,
         api_insecure=args.api_insecure,
         advertise_url=args.advertise_url or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
         scrub_env=tuple(n for n in scrub_env if n),
     )
 
@@ -454,6 +473,30 @@ def api_exposure(settings: Settings) -> str | None:
     return None
 
 
+def tls_problem(settings: Settings) -> str | None:
+    """Why the API's TLS files cannot serve (None: they can, or there is no TLS): both
+    flags or neither, and the certificate and key must load and match, checked here so
+    that the error names the flag instead of failing in gunicorn's workers."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        return f"{given} needs {missing} too: HTTPS takes a certificate and its private key"
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            return f"{flag} {path}: no such file"
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        return f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its key ({e})"
+    except OSError as e:
+        return f"--tls-cert {cert} / --tls-key {key}: {e.strerror or e}"
+    if key.stat().st_mode & stat.S_IROTH:
+        log.warning("--tls-key %s is readable by every user of this host: chmod o-r it", key)
+    return None
+
+
 def check(settings: Settings) -> int:
     """--check: validate the files like the daemon would; errors on stdout, one per line."""
     from distcrond.config.loader import ConfigRegistry
@@ -471,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.check:
         return check(settings)
-    refusal = api_exposure(settings)
+    refusal = tls_problem(settings) or api_exposure(settings)
     if refusal:
         log.error("%s", refusal)
         return 2

@@ -12,7 +12,9 @@
     distcronctl token new NAME --role R a new API token, and its entry for the tokens file
 
 A peer started with ``--api-tokens`` wants a token: ``--token-file FILE``, or
-``DISTCRON_TOKEN`` (``--token`` works too, but shows in ps).
+``DISTCRON_TOKEN`` (``--token`` works too, but shows in ps). A peer serving
+HTTPS (``--tls-cert``) is verified against ``--ca-cert FILE`` or
+``DISTCRON_CA_CERT``, else the system's CAs.
 
 ``--json`` prints the API's answer as it came. Exit status: 0 ok, 1 when the
 API answers an error or cannot be reached, 2 for a usage error. Only the
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -62,8 +65,18 @@ def _decode(raw: bytes) -> Any:
         return None
 
 
-def urllib_transport(timeout: float, token: str | None = None) -> Transport:
-    """The real HTTP transport (urllib, no dependencies), sending ``token`` if given."""
+def tls_context(ca_cert: str | None) -> ssl.SSLContext:
+    """How an https URL is verified: against ``ca_cert`` (a PEM file of the CA, or of a
+    peer's self-signed certificate) if given, else against the system's CAs; the host
+    name is always checked."""
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+def urllib_transport(
+    timeout: float, token: str | None = None, context: ssl.SSLContext | None = None
+) -> Transport:
+    """The real HTTP transport (urllib, no dependencies), sending ``token`` if given and
+    verifying an https peer with ``context`` (default: the system's CAs)."""
 
     def send(method: str, url: str, body: bytes | None) -> tuple[int, Any]:
         headers = {"Accept": "application/json"}
@@ -73,12 +86,17 @@ def urllib_transport(timeout: float, token: str | None = None) -> Transport:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
                 return response.status, _decode(response.read())
         except urllib.error.HTTPError as exc:
             with exc:
                 return exc.code, _decode(exc.read())
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise Unreachable(
+                    f"its TLS certificate is not trusted ({exc.reason.verify_message}); "
+                    "give its CA with --ca-cert FILE or $DISTCRON_CA_CERT"
+                ) from None
             raise Unreachable(str(exc.reason)) from None
         except (OSError, ValueError) as exc:  # timeouts, resets, a malformed URL
             raise Unreachable(str(exc) or type(exc).__name__) from None
@@ -503,6 +521,13 @@ def _common_options() -> argparse.ArgumentParser:
         help="the API token (default: $DISTCRON_TOKEN); shows in ps, prefer --token-file",
     )
     common.add_argument(
+        "--ca-cert",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="verify an https peer against this PEM CA certificate "
+        "(default: $DISTCRON_CA_CERT, else the system's CAs)",
+    )
+    common.add_argument(
         "--token-file",
         default=argparse.SUPPRESS,
         metavar="FILE",
@@ -580,7 +605,15 @@ def main(argv: Sequence[str] | None = None, transport: Transport | None = None) 
     except OSError as exc:
         print(f"distcronctl: cannot read the token file: {exc}", file=sys.stderr)
         return 1
-    client = Client(url, transport or urllib_transport(getattr(args, "timeout", 10.0), token))
+    ca_cert = getattr(args, "ca_cert", None) or os.environ.get("DISTCRON_CA_CERT") or None
+    if transport is None:
+        try:
+            context = tls_context(ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"distcronctl: --ca-cert {ca_cert}: cannot load it: {exc}", file=sys.stderr)
+            return 1
+        transport = urllib_transport(getattr(args, "timeout", 10.0), token, context)
+    client = Client(url, transport)
     try:
         data, render = args.func(client, args)
     except Unreachable as exc:

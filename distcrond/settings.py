@@ -75,6 +75,9 @@ class Settings:
     # daemon allows on a loopback --bind only, unless api_insecure.
     api_tokens: Path | None = None
     api_insecure: bool = False
+    # PEM files: the API is served over HTTPS (gunicorn's TLS) when both are given.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     @property
     def coordination_db(self) -> Path:
@@ -124,7 +127,12 @@ class Settings:
         host, _, port = self.bind.rpartition(":")
         if host.strip("[]") in WILDCARD_HOSTS:
             host = socket.getfqdn()
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+    @property
+    def tls(self) -> bool:
+        """Whether the API is served over HTTPS."""
+        return self.tls_cert is not None and self.tls_key is not None
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict; passes settings to the API server process."""
@@ -155,6 +163,8 @@ class Settings:
             "api_tokens": str(self.api_tokens) if self.api_tokens else None,
             "api_insecure": self.api_insecure,
             "advertise_url": self.advertise_url,
+            "tls_cert": str(self.tls_cert) if self.tls_cert else None,
+            "tls_key": str(self.tls_key) if self.tls_key else None,
         }
 
     @classmethod
@@ -186,4 +196,6 @@ class Settings:
             api_tokens=Path(data["api_tokens"]) if data.get("api_tokens") else None,
             api_insecure=bool(data.get("api_insecure", False)),
             advertise_url=data.get("advertise_url"),
+            tls_cert=Path(data["tls_cert"]) if data.get("tls_cert") else None,
+            tls_key=Path(data["tls_key"]) if data.get("tls_key") else None,
         )

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import requests
 
 from deploy.services.common import descendants, pid_alive
+from integration.tls import TLSFiles
 
 T = TypeVar("T")
 DISTCROND = str(Path(sys.executable).with_name("distcrond"))
@@ -66,6 +67,8 @@ class Peer:
     proc: subprocess.Popen[bytes] | None = None
     # The API token its requests carry (a peer started with --api-tokens wants one).
     token: str | None = None
+    # Given: the peer serves HTTPS with these files, and its requests trust their CA.
+    tls: TLSFiles | None = None
 
     def __post_init__(self) -> None:
         for d in (self.jobs_dir, self.nodes_dir, self.state_dir):
@@ -89,7 +92,12 @@ class Peer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self) -> str | bool:
+        """What requests verifies an https answer against: the test CA."""
+        return str(self.tls.ca) if self.tls else True
 
     def write_job(self, job_id: str, spec: dict[str, Any] | str) -> Path:
         """Write a job file atomically (as config sync tools do): temp file, then rename."""
@@ -125,6 +133,8 @@ class Peer:
             "2",
             *self.extra_args,
         ]
+        if self.tls:
+            argv += ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -139,7 +149,9 @@ class Peer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"distcrond exited with {self.proc.returncode}:\n{self.log()}")
-            r = requests.get(f"{self.url}/api/v1/health", headers=self.headers, timeout=2)
+            r = requests.get(
+                f"{self.url}/api/v1/health", headers=self.headers, timeout=2, verify=self.verify
+            )
             ok = r.status_code == 200 and (r.json().get("is_leader") or not leader)
             return r.json() if ok else None
 
@@ -154,10 +166,14 @@ class Peer:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def get(self, path: str, **params: Any) -> requests.Response:
-        return requests.get(f"{self.url}{path}", params=params, headers=self.headers, timeout=5)
+        return requests.get(
+            f"{self.url}{path}", params=params, headers=self.headers, timeout=5, verify=self.verify
+        )
 
     def post(self, path: str, body: Any = None) -> requests.Response:
-        return requests.post(f"{self.url}{path}", json=body, headers=self.headers, timeout=5)
+        return requests.post(
+            f"{self.url}{path}", json=body, headers=self.headers, timeout=5, verify=self.verify
+        )
 
     def run_state(self, run_id: str) -> str | None:
         r = self.get(f"/api/v1/runs/{run_id}")

@@ -289,3 +289,56 @@ def test_loopback_or_an_explicit_opt_out_starts_with_a_warning(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warning in warnings[0]
+
+
+def test_the_tls_flags_their_environment_variables_and_the_https_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert settings().tls is False
+    s = settings("--tls-cert", "/etc/distcron/api.pem", "--tls-key", "/etc/distcron/api.key")
+    assert s.tls and s.tls_cert == Path("/etc/distcron/api.pem")
+    assert s.api_url == "https://127.0.0.1:8080"  # the default bind, over TLS
+    assert settings("--tls-cert", "c.pem").api_url.startswith("http://")  # one file: no TLS
+    monkeypatch.setenv("DISTCRON_TLS_CERT", str(tmp_path / "c.pem"))
+    monkeypatch.setenv("DISTCRON_TLS_KEY", str(tmp_path / "k.pem"))
+    s = settings("--bind", "10.1.2.3:8443")
+    assert (s.tls_cert, s.tls_key) == (tmp_path / "c.pem", tmp_path / "k.pem")
+    assert s.api_url == "https://10.1.2.3:8443"
+    again = type(s).from_json(json.loads(json.dumps(s.to_json())))
+    assert (again.tls_cert, again.tls_key, again.api_url) == (s.tls_cert, s.tls_key, s.api_url)
+
+
+def test_tls_files_that_cannot_serve_are_refused_naming_the_flag(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from distcrond.cli import tls_problem
+    from integration.tls import make_tls_files
+
+    files = make_tls_files(tmp_path / "tls")
+    other = make_tls_files(tmp_path / "other")
+    cert, key = str(files.cert), str(files.key)
+    assert tls_problem(settings()) is None
+    assert tls_problem(settings("--tls-cert", cert, "--tls-key", key)) is None
+    cases = {
+        ("--tls-cert", cert): "--tls-cert needs --tls-key",
+        ("--tls-key", key): "--tls-key needs --tls-cert",
+        ("--tls-cert", str(tmp_path / "no.pem"), "--tls-key", key): "no.pem: no such file",
+        ("--tls-cert", cert, "--tls-key", str(other.key)): "not a PEM certificate and its key",
+        ("--tls-cert", key, "--tls-key", key): "not a PEM certificate and its key",
+    }
+    for argv, reason in cases.items():
+        problem = tls_problem(settings(*argv))
+        assert problem is not None and reason in problem, (argv, problem)
+    caplog.set_level(logging.WARNING, logger="distcrond")
+    files.key.chmod(0o644)
+    assert tls_problem(settings("--tls-cert", cert, "--tls-key", key)) is None
+    assert any("readable by every user" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_tls_flag_stops_the_daemon_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    assert main(["--tls-cert", str(tmp_path / "c.pem"), "--state-dir", str(state)]) == 2
+    assert "--tls-cert needs --tls-key" in capsys.readouterr().err
+    assert not state.exists()

@@ -440,3 +440,17 @@ def test_a_refused_token_is_one_line_and_exit_status_1(
     assert main(["--url", URL, "jobs"], transport=refuse) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Unauthorized (401)" in err and "--token-file" in err
+
+
+def test_a_ca_cert_that_cannot_be_loaded_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "missing.pem"
+    assert main(["--url", "https://127.0.0.1:1", "--ca-cert", str(missing), "jobs"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--ca-cert {missing}: cannot load it" in err[0]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    monkeypatch.setenv("DISTCRON_CA_CERT", str(garbage))
+    assert main(["--url", "https://127.0.0.1:1", "jobs"]) == 1
+    assert "cannot load it" in capsys.readouterr().err

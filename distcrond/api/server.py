@@ -71,8 +71,14 @@ class APIServer(BaseApplication):
             "logconfig_dict": logging_config(self.settings.log_format, self.settings.log_level),
         }
 
+    def tls_options(self) -> dict[str, Any]:
+        """HTTPS by gunicorn itself (its certfile and keyfile), when the flags give files."""
+        if not self.settings.tls:
+            return {}
+        return {"certfile": str(self.settings.tls_cert), "keyfile": str(self.settings.tls_key)}
+
     def load_config(self) -> None:
-        for key, value in self.gunicorn_options().items():
+        for key, value in (self.gunicorn_options() | self.tls_options()).items():
             if key in self.cfg.settings:  # options an older gunicorn lacks are skipped
                 self.cfg.set(key, value)
 
@@ -134,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_json(json.loads(args.settings))
     settings = settings.with_secrets(os.environ)
     configure_logging(settings.log_format, settings.log_level)
-    log.info("serving the API on %s with %d workers", settings.bind, settings.api_workers)
+    log.info(
+        "serving the API on %s://%s with %d workers",
+        "https" if settings.tls else "http",
+        settings.bind,
+        settings.api_workers,
+    )
     APIServer(settings).run()
 
 
