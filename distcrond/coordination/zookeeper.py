@@ -82,6 +82,7 @@ from distcrond.coordination.base import (
     NodeHealth,
     PeerInfo,
     SchedulerPass,
+    SchedulingView,
     StoreStatus,
     StoreUnavailable,
     TriggerRequest,
@@ -645,6 +646,37 @@ class ZooKeeperCoordinationStore(CoordinationStore):
     def active_run_ids(self) -> set[str]:
         """The assignment indexes of every peer (and ``/active``), read together."""
         return self._retry(lambda _lost: self._active_ids())
+
+    def scheduling_view(self) -> SchedulingView:
+        """Two multiReads: the three directories' listings, then the assignment indexes
+        and every peer's and unhealthy node's record."""
+
+        def read(_lost: bool) -> SchedulingView:
+            paths = self._paths
+            tops = [paths.assignments, paths.peers, paths.health]
+            assignees, peers, unhealthy = self._children_many(tops)
+            indexes = [paths.active, *(paths.assignments_of(p) for p in assignees)]
+            records = [paths.peer(n) for n in peers] + [paths.node_health(n) for n in unhealthy]
+            found = self._read_many(
+                [GetChildren(i, None) for i in indexes] + [GetData(r, None) for r in records]
+            )
+            listings, data = found[: len(indexes)], found[len(indexes) :]
+            peer_data, health_data = data[: len(peers)], data[len(peers) :]
+            return SchedulingView(
+                active_run_ids={run_id for listing in listings for run_id in listing or ()},
+                peers=sorted(
+                    (PeerInfo.from_json(json.loads(g[0])) for g in peer_data if g is not None),
+                    key=lambda p: p.peer_id,
+                ),
+                node_health={
+                    h.node_id: h
+                    for h in (
+                        NodeHealth.from_json(json.loads(g[0])) for g in health_data if g is not None
+                    )
+                },
+            )
+
+        return self._retry(read)
 
     def _active_ids(self) -> set[str]:
         peers = self._children(self._paths.assignments)

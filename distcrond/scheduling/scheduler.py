@@ -354,11 +354,11 @@ class Scheduler:
 
     # -- deciding one slot -------------------------------------------------------
     def _new_batch(self, now: datetime) -> _Batch:
-        active = self._active_runs()
+        live_peers, unhealthy, ids = self._cluster_view()
+        active = self._active_runs(ids)
         by_job: defaultdict[str, list[RunRecord]] = defaultdict(list)
         for run in active:
             by_job[run.job_id].append(run)
-        live_peers, unhealthy = self._cluster_view()
         live_peers = self._suspects.eligible(live_peers)
         return _Batch(
             now=now,
@@ -369,10 +369,9 @@ class Scheduler:
             unhealthy=unhealthy,
         )
 
-    def _active_runs(self) -> list[RunRecord]:
-        """The active runs: one read of the store's index, records read only for ids this
+    def _active_runs(self, ids: set[str]) -> list[RunRecord]:
+        """The active runs of the store's index ``ids``: records read only for ids this
         leader has not seen (all of them on its first pass)."""
-        ids = self._coordination.active_run_ids()
         for run_id in self._active.keys() - ids:
             del self._active[run_id]
         if unknown := ids - self._active.keys():
@@ -386,13 +385,16 @@ class Scheduler:
             else:
                 self._active[record.run_id] = record
 
-    def _cluster_view(self) -> tuple[list[str], set[str]]:
-        """Live peers and unhealthy nodes, read at most every VIEW_TTL seconds."""
+    def _cluster_view(self) -> tuple[list[str], set[str], set[str]]:
+        """Live peers and unhealthy nodes (read at most every VIEW_TTL seconds, with the
+        active runs' ids, in one store call), and the active runs' ids (every pass)."""
         now = self._clock.monotonic()
         if self._view is None or now - self._view[0] >= VIEW_TTL:
-            live = [p.peer_id for p in self._coordination.peers()]
-            self._view = (now, live, set(self._coordination.node_health()))
-        return self._view[1], self._view[2]
+            view = self._coordination.scheduling_view()
+            live = [p.peer_id for p in view.peers]
+            self._view = (now, live, set(view.node_health))
+            return live, set(view.node_health), view.active_run_ids
+        return self._view[1], self._view[2], self._coordination.active_run_ids()
 
     @staticmethod
     def _blocking(job: JobSpec, batch: _Batch, trigger: Trigger) -> list[RunRecord]:

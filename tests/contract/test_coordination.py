@@ -765,6 +765,29 @@ def test_active_run_ids_are_the_ids_of_the_active_runs(
     assert coordination.active_run_ids() == {second.run_id}
 
 
+def test_the_scheduling_view_is_the_active_ids_the_peers_and_the_node_health_together(
+    coordination: CoordinationStore, epoch: int
+) -> None:
+    empty = coordination.scheduling_view()
+    assert (empty.active_run_ids, empty.node_health) == (set(), {})
+    mine, theirs, done = (
+        assigned("backup", 0),
+        assigned("report", 0, peer_id="p2"),
+        assigned("x", 0),
+    )
+    coordination.record_runs(epoch, [mine, theirs, done])
+    coordination.claim_run(mine.run_id, "p1", slot(0))
+    coordination.finish_run(done.run_id, RunState.SUCCEEDED, ended_at=slot(1), exit_code=0)
+    coordination.register_peer(peer("p2"))
+    coordination.register_peer(peer("p1"))
+    coordination.set_node_health(NodeHealth("db1", "connection refused", T0))
+
+    view = coordination.scheduling_view()
+    assert view.active_run_ids == {mine.run_id, theirs.run_id} == coordination.active_run_ids()
+    assert view.peers == [peer("p1"), peer("p2")] == coordination.peers()
+    assert view.node_health == {"db1": NodeHealth("db1", "connection refused", T0)}
+
+
 def test_claim_runs_claims_the_claimable_ones_in_one_call(
     coordination: CoordinationStore, epoch: int
 ) -> None:
