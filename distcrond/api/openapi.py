@@ -15,7 +15,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 import distcrond
-from distcrond.config.models import JobSpec, NodeSpec
+from distcrond.config.models import ID_PATTERN, JobSpec, NodeSpec
 from distcrond.runs import RunState
 
 JSON = "application/json"
@@ -407,7 +407,16 @@ def _param(name: str, where: str, schema: Schema, description: str) -> dict[str,
     }
 
 
-JOB_ID = _param("job_id", "path", STRING, "The job's id: its file name without .json.")
+# The ids' forms (config/models.py ID_PATTERN; runs.py run_id_for), so that a client, and a
+# fuzzer, knows what can name a job or a run at all.
+ID = ID_PATTERN.pattern.strip("^$")
+SLOT = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})"
+JOB_ID = _param(
+    "job_id",
+    "path",
+    {"type": "string", "pattern": f"^{ID}$"},
+    "The job's id: its file name without .json.",
+)
 RUN_FILTERS = [
     _param(
         "limit",
@@ -436,7 +445,7 @@ RUN_FILTERS = [
 RUN_ID = _param(
     "run_id",
     "path",
-    STRING,
+    {"type": "string", "pattern": f"^{ID}@{SLOT}(~{ID})?$"},
     "'<job>@<slot>' (slot in RFC 3339), or '<job>@<slot>~<node>' for one node's run.",
 )
 

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -101,11 +102,21 @@ def _check_timezone(v: str) -> str:
 TimeZoneName = Annotated[str, AfterValidator(_check_timezone)]
 
 
+# A time of day as the job files write it ("03:10", "03:10:00"), local to the schedule's
+# zone: JSON Schema's "time" format is RFC 3339's, which requires an offset, so neither the
+# files nor the API's answers (which omit it) would conform to it.
+TIME_OF_DAY_SCHEMA = {
+    "type": "string",
+    "pattern": r"^\d{1,2}:\d{2}(:\d{2})?$",
+    "examples": ["03:10", "03:10:00"],
+}
+
+
 class IntervalSchedule(_Frozen):
     """The original schedule: slots at reference + k*interval, re-aligned to the reference daily."""
 
     interval: Duration
-    reference: time = time(0, 0)
+    reference: Annotated[time, WithJsonSchema(TIME_OF_DAY_SCHEMA)] = time(0, 0)
     timezone: TimeZoneName = "UTC"
 
     @field_validator("reference", mode="before")
