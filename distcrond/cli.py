@@ -99,6 +99,32 @@ def _es_index_prefix(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _allowed_hosts(value: str) -> tuple[str, ...]:
+    """An --api-allowed-host value (or DISTCRON_API_ALLOWED_HOST's comma-separated list)."""
+    from distcrond.api.hosts import parse_host_pattern
+
+    try:
+        return tuple(parse_host_pattern(v) for v in value.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _RepeatedOverEnv(argparse.Action):
+    """A repeatable flag whose values replace its environment variable's (the string
+    default, converted by argparse only when no flag is given) instead of adding to it."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        given: tuple[str, ...] = () if current is None or isinstance(current, str) else current
+        setattr(namespace, self.dest, (*given, *values))  # type: ignore[misc]
+
+
 def _flag_env(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -378,6 +404,17 @@ def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
         "who can reach it (env DISTCRON_API_INSECURE=1; warned about at every start)",
     )
     p.add_argument(
+        "--api-allowed-host",
+        dest="api_allowed_hosts",
+        action=_RepeatedOverEnv,
+        type=_allowed_hosts,
+        default=_env("API_ALLOWED_HOST"),
+        metavar="HOST",
+        help="a host name (or *.domain, or an address) the API answers to beyond its --bind "
+        "and advertised names and loopback, such as a load balancer's; requests naming "
+        "another host get 421; repeatable (env DISTCRON_API_ALLOWED_HOST, comma-separated)",
+    )
+    p.add_argument(
         "--tls-cert",
         type=Path,
         default=_env("TLS_CERT"),
@@ -432,6 +469,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         shutdown_grace=args.shutdown_grace,
         api_tokens=args.api_tokens or None,
         api_insecure=args.api_insecure,
+        api_allowed_hosts=tuple(args.api_allowed_hosts or ()),
         advertise_url=args.advertise_url or None,
         tls_cert=args.tls_cert or None,
         tls_key=args.tls_key or None,

@@ -75,6 +75,9 @@ class Settings:
     # daemon allows on a loopback --bind only, unless api_insecure.
     api_tokens: Path | None = None
     api_insecure: bool = False
+    # Host names (or *.domain) the API answers to beyond its own and loopback: a load
+    # balancer's name, say (see distcrond/api/hosts.py).
+    api_allowed_hosts: tuple[str, ...] = ()
     # PEM files: the API is served over HTTPS (gunicorn's TLS) when both are given.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -162,6 +165,7 @@ class Settings:
             "scrub_env": list(self.scrub_env),
             "api_tokens": str(self.api_tokens) if self.api_tokens else None,
             "api_insecure": self.api_insecure,
+            "api_allowed_hosts": list(self.api_allowed_hosts),
             "advertise_url": self.advertise_url,
             "tls_cert": str(self.tls_cert) if self.tls_cert else None,
             "tls_key": str(self.tls_key) if self.tls_key else None,
@@ -195,6 +199,7 @@ class Settings:
             scrub_env=tuple(data.get("scrub_env", ())),
             api_tokens=Path(data["api_tokens"]) if data.get("api_tokens") else None,
             api_insecure=bool(data.get("api_insecure", False)),
+            api_allowed_hosts=tuple(data.get("api_allowed_hosts", ())),
             advertise_url=data.get("advertise_url"),
             tls_cert=Path(data["tls_cert"]) if data.get("tls_cert") else None,
             tls_key=Path(data["tls_key"]) if data.get("tls_key") else None,

@@ -342,3 +342,34 @@ def test_a_bad_tls_flag_stops_the_daemon_before_anything_starts(
     assert main(["--tls-cert", str(tmp_path / "c.pem"), "--state-dir", str(state)]) == 2
     assert "--tls-cert needs --tls-key" in capsys.readouterr().err
     assert not state.exists()
+
+
+def test_allowed_hosts_repeat_come_from_the_environment_and_the_flags_replace_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert settings().api_allowed_hosts == ()
+    given = settings("--api-allowed-host", "LB.example", "--api-allowed-host", "*.svc.example")
+    assert given.api_allowed_hosts == ("lb.example", "*.svc.example")
+    monkeypatch.setenv("DISTCRON_API_ALLOWED_HOST", "lb.example, [2001:db8::7],")
+    s = settings()
+    assert s.api_allowed_hosts == ("lb.example", "2001:db8::7")
+    assert type(s).from_json(json.loads(json.dumps(s.to_json()))).api_allowed_hosts == (
+        "lb.example",
+        "2001:db8::7",
+    )
+    assert settings("--api-allowed-host", "other.example").api_allowed_hosts == ("other.example",)
+
+
+@pytest.mark.parametrize("value", ["lb.example:8080", "http://lb.example", "*", "a b"])
+def test_a_bad_allowed_host_is_a_usage_error_naming_the_flag_and_the_value(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        settings("--api-allowed-host", value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-allowed-host" in err and repr(value) in err and "without a port" in err
+    monkeypatch.setenv("DISTCRON_API_ALLOWED_HOST", f"ok.example,{value}")
+    with pytest.raises(SystemExit):
+        settings()
+    assert "--api-allowed-host" in capsys.readouterr().err

@@ -3,8 +3,9 @@
 Every error leaves as ``{"error": {"title": ..., "description": ...}}`` with
 its status: falcon's own (404 for an unknown route, 405, 400 for a bad query
 parameter or body), ours (404 unknown job or run), 503 when a store is
-unavailable, 401/403 for a missing or too weak token (see auth.py), and 500 for
-anything unexpected, logged with its traceback.
+unavailable, 401/403 for a missing or too weak token (see auth.py), 421 for a
+Host this peer does not answer to, 403/415 for a cross-site request (see
+hosts.py), and 500 for anything unexpected, logged with its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import falcon
 
 from distcrond.api import resources
 from distcrond.api.auth import Authorization, TokenSource
+from distcrond.api.hosts import AllowedHosts, CrossSiteCheck, HostCheck
 from distcrond.api.limits import BodyLimit
 from distcrond.api.metrics import Metrics
 from distcrond.api.resources import API_PREFIX, APIContext
@@ -60,12 +62,19 @@ def create_app(
     spool_dir: Path | None = None,
     stall_timeout: float = 5.0,
     tokens: TokenSource | None = None,
+    hosts: AllowedHosts | None = None,
 ) -> falcon.App:
     """The API over the given stores, answering as peer ``peer_id`` (whose report spool,
     if its reports go to Elasticsearch, is ``spool_dir``); with ``tokens``, only to the
-    holders of a token with the role each route needs (see :mod:`distcrond.api.auth`)."""
+    holders of a token with the role each route needs (see :mod:`distcrond.api.auth`);
+    with ``hosts``, only to requests naming one of them (the server always gives the
+    peer's, :meth:`AllowedHosts.of`; without, the Host is not checked). Cross-site
+    requests that would change something are refused either way (:mod:`.hosts`)."""
     ctx = APIContext(coordination, reports, peer_id, clock or Clock(), spool_dir, stall_timeout)
-    middleware: list[Any] = [BodyLimit(), Authorization(tokens, peer_id)]  # in this order
+    middleware: list[Any] = [HostCheck(hosts)] if hosts is not None else []
+    # In this order: the body's size before anything reads it, where the request comes
+    # from once its route is known (so that its refusal is audited), then the token.
+    middleware += [BodyLimit(), CrossSiteCheck(hosts), Authorization(tokens, peer_id)]
     app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     for template, resource in ROUTES:

@@ -394,7 +394,8 @@ def _ok(description: str, schema: str, status: str = "200") -> dict[str, Any]:
 
 
 def _errors(*statuses: str) -> dict[str, Any]:
-    return {s: {"$ref": f"#/components/responses/{s}"} for s in ("401", "500", "503", *statuses)}
+    every = ("401", "421", "500", "503")
+    return {s: {"$ref": f"#/components/responses/{s}"} for s in (*every, *statuses)}
 
 
 def _param(name: str, where: str, schema: Schema, description: str) -> dict[str, Any]:
@@ -465,6 +466,7 @@ def _paths() -> dict[str, Any]:
                         "content": {JSON: {"schema": ref("Health")}},
                     },
                     "401": {"$ref": "#/components/responses/401"},
+                    "421": {"$ref": "#/components/responses/421"},
                     "500": {"$ref": "#/components/responses/500"},
                 },
             }
@@ -476,7 +478,10 @@ def _paths() -> dict[str, Any]:
                 "description": "Reads no store: a store's outage does not make a peer look dead.",
                 "tags": ["cluster"],
                 "security": [],
-                "responses": {**_ok("This peer answers.", "Liveness")},
+                "responses": {
+                    **_ok("This peer answers.", "Liveness"),
+                    "421": {"$ref": "#/components/responses/421"},
+                },
             }
         },
         "/api/v1/health/ready": {
@@ -557,7 +562,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "content": {JSON: {"schema": ref("TriggerAccepted")}},
                     },
-                    **_errors("400", "403", "404", "411", "413"),
+                    **_errors("400", "403", "404", "411", "413", "415"),
                 },
             },
         },
@@ -611,7 +616,7 @@ def _paths() -> dict[str, Any]:
                         },
                         "content": {JSON: {"schema": ref("CancelAccepted")}},
                     },
-                    **_errors("400", "403", "404", "409", "411", "413"),
+                    **_errors("400", "403", "404", "409", "411", "413", "415"),
                 },
             }
         },
@@ -693,12 +698,21 @@ def _document() -> dict[str, Any]:
             },
             "responses": {
                 "401": _error_response("No token, or one this peer does not know."),
-                "403": _error_response("The token's role is too low for this request."),
+                "403": _error_response(
+                    "The token's role is too low for this request, or it is a cross-site "
+                    "request (a foreign Origin, Sec-Fetch-Site: cross-site) that would change "
+                    "something."
+                ),
                 "400": _error_response("A bad parameter, body or run id."),
                 "404": _error_response("No such job, run or route."),
                 "409": _error_response("The run has ended, or is queued and not assigned yet."),
                 "411": _error_response("A body without Content-Length (chunked)."),
                 "413": _error_response("A body over 1 MiB."),
+                "415": _error_response("A body that is not JSON (Content-Type)."),
+                "421": _error_response(
+                    "The Host header names a host this peer does not answer to "
+                    "(see --api-allowed-host)."
+                ),
                 "500": _error_response("An unexpected error (logged by the peer)."),
                 "503": _error_response("A store cannot be reached now."),
             },

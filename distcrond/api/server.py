@@ -29,6 +29,7 @@ from gunicorn.app.base import BaseApplication
 
 from distcrond.api.app import create_app
 from distcrond.api.auth import TokenSource
+from distcrond.api.hosts import AllowedHosts
 from distcrond.coordination.base import CoordinationStore
 from distcrond.logs import configure_logging, logging_config
 from distcrond.reporting.base import ReportStore
@@ -96,6 +97,7 @@ class APIServer(BaseApplication):
             spool_dir=spool_dir,
             stall_timeout=self.settings.leader_stall_timeout,
             tokens=tokens,
+            hosts=AllowedHosts.of(self.settings),
         )
 
     def _worker_exit(self, server: Any, worker: Any) -> None:
