@@ -213,6 +213,13 @@ def _add_peer_flags(p: argparse.ArgumentParser) -> None:
         "(env DISTCRON_API_WORKERS; default %(default)s)",
     )
     p.add_argument(
+        "--api-threads",
+        type=_positive_int,
+        default=_env("API_THREADS", "16") or "16",
+        help="threads of each API worker: a worker serves at most this many connections at "
+        "once, slow clients included (env DISTCRON_API_THREADS; default %(default)s)",
+    )
+    p.add_argument(
         "--log-format",
         choices=["text", "json"],
         default=_env("LOG_FORMAT", "text"),
@@ -448,6 +455,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         bind=args.bind,
         peer_id=args.peer_id,
         api_workers=args.api_workers,
+        api_threads=args.api_threads,
         log_format=args.log_format,
         log_level=args.log_level,
         es_urls=tuple(es_urls),

@@ -38,6 +38,9 @@ class Settings:
     bind: str = "127.0.0.1:8080"
     peer_id: str = socket.gethostname()
     api_workers: int = 2
+    # Threads of each API worker (gunicorn's gthread): a worker takes at most this many
+    # connections at once, so workers x threads clients may be served (or be slow) at once.
+    api_threads: int = 16
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
     # Reports go to Elasticsearch when es_urls is set (through the spool), else to SQLite.
@@ -146,6 +149,7 @@ class Settings:
             "bind": self.bind,
             "peer_id": self.peer_id,
             "api_workers": self.api_workers,
+            "api_threads": self.api_threads,
             "log_format": self.log_format,
             "log_level": self.log_level,
             "es_urls": list(self.es_urls),
@@ -180,6 +184,7 @@ class Settings:
             bind=data["bind"],
             peer_id=data["peer_id"],
             api_workers=int(data["api_workers"]),
+            api_threads=int(data.get("api_threads", 16)),
             log_format=data.get("log_format", "text"),
             log_level=data.get("log_level", "INFO"),
             es_urls=tuple(data.get("es_urls", ())),

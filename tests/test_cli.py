@@ -344,6 +344,21 @@ def test_a_bad_tls_flag_stops_the_daemon_before_anything_starts(
     assert not state.exists()
 
 
+def test_the_api_threads_flag_its_environment_variable_and_a_bad_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert settings().api_threads == 16
+    assert settings("--api-threads", "4").api_threads == 4
+    monkeypatch.setenv("DISTCRON_API_THREADS", "8")
+    s = settings()
+    assert s.api_threads == 8
+    assert type(s).from_json(json.loads(json.dumps(s.to_json()))).api_threads == 8
+    monkeypatch.setenv("DISTCRON_API_THREADS", "0")
+    with pytest.raises(SystemExit):
+        settings()
+    assert "--api-threads" in capsys.readouterr().err
+
+
 def test_allowed_hosts_repeat_come_from_the_environment_and_the_flags_replace_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

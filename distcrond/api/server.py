@@ -4,7 +4,8 @@ The daemon spawns ``python -m distcrond.api.server --settings '<json>'
 --parent-pid <pid>``. The gunicorn arbiter forks its workers and installs its
 own signal handlers, which is why it does not live in the daemon process (the
 daemon's kazoo and paramiko threads would not survive a fork). Each worker
-opens its own stores after the fork: SQLite connections must not cross one.
+opens its own stores after the fork (SQLite connections must not cross one),
+shared by its threads: every store is thread-safe (docs/architecture.md).
 
 The process ends with the daemon: SIGTERM from the daemon stops it gracefully,
 and if the daemon dies without a word (kill -9) the kernel sends the SIGTERM
@@ -30,6 +31,7 @@ from gunicorn.app.base import BaseApplication
 from distcrond.api.app import create_app
 from distcrond.api.auth import TokenSource
 from distcrond.api.hosts import AllowedHosts
+from distcrond.api.worker import BoundedThreadWorker
 from distcrond.coordination.base import CoordinationStore
 from distcrond.logs import configure_logging, logging_config
 from distcrond.reporting.base import ReportStore
@@ -51,12 +53,32 @@ class APIServer(BaseApplication):
         super().__init__()
 
     def gunicorn_options(self) -> dict[str, Any]:
+        threads = self.settings.api_threads
         return {
             "bind": self.settings.bind,
             "workers": self.settings.api_workers,
-            "worker_class": "sync",
+            # gthread, bounded (see worker.py): a slow client holds one thread for at most
+            # REQUEST_TIMEOUT, never a whole worker.
+            "worker_class": BoundedThreadWorker,
+            "threads": threads,
+            # A worker accepts no more connections than it has threads: an accepted
+            # connection never queues behind slow ones for a thread; the others wait in the
+            # listen backlog for a worker with one free.
+            "worker_connections": threads,
+            # No keep-alive: an idle connection would count against worker_connections
+            # (distcronctl and health checks make one request per connection anyway).
+            "keepalive": 0,
+            # HTTP/1.1 only (gunicorn's default, pinned): the request deadline is per
+            # connection, and an HTTP/2 connection carries many requests for long.
+            "http_protocols": "h1",
+            # The arbiter restarts a worker whose main loop is silent this long.
             "timeout": 30,
             "graceful_timeout": 5,
+            # A request head is at most 4 KiB of request line and 50 fields of 8 KiB: what
+            # one slow client can make a worker hold.
+            "limit_request_line": 4094,
+            "limit_request_fields": 50,
+            "limit_request_field_size": 8190,
             "accesslog": None,
             "errorlog": "-",
             "loglevel": self.settings.log_level.lower(),
@@ -143,10 +165,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = settings.with_secrets(os.environ)
     configure_logging(settings.log_format, settings.log_level)
     log.info(
-        "serving the API on %s://%s with %d workers",
+        "serving the API on %s://%s with %d workers of %d threads",
         "https" if settings.tls else "http",
         settings.bind,
         settings.api_workers,
+        settings.api_threads,
     )
     APIServer(settings).run()
 
