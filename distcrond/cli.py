@@ -8,7 +8,6 @@ Every flag can also be set by an environment variable named in its help
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from distcrond import __version__
 from distcrond.logs import configure_logging
-from distcrond.settings import Settings
+from distcrond.settings import Settings, is_loopback
 
 log = logging.getLogger("distcrond")
 
@@ -483,17 +482,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tls_key=args.tls_key or None,
         scrub_env=tuple(n for n in scrub_env if n),
     )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a --bind host is a loopback address (a name other than localhost is not)."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def api_exposure(settings: Settings) -> str | None:

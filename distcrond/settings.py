@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -19,6 +20,23 @@ SMTP_PASSWORD_ENV = "DISTCRON_SMTP_PASSWORD"
 TOKEN_ENV = "DISTCRON_TOKEN"
 # Bind addresses that mean "every interface": no other peer can connect to them.
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host (a --bind host, a Host header's) is a loopback address: ``localhost``,
+    127.0.0.0/8, ``::1`` (brackets allowed) or an IPv4-mapped loopback; no other name is."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 # Every environment variable that holds a secret of the daemon: no run ever gets one of
 # them (see distcrond/execution/environment.py). A new secret's variable joins this tuple.
 SECRET_ENV_NAMES: tuple[str, ...] = (

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import falcon
 
-from distcrond.settings import WILDCARD_HOSTS, Settings
+from distcrond.settings import WILDCARD_HOSTS, Settings, is_loopback
 
 ALLOWED_HOST_FLAG = "--api-allowed-host"
 CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -86,18 +86,6 @@ def parse_host_pattern(value: str) -> str:
     return text
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def _same_address(host: str, address: str) -> bool:
     """Whether ``host`` is the IP address ``address`` (a socket's, perhaps IPv4-mapped)."""
     try:
@@ -144,7 +132,7 @@ class AllowedHosts:
         """Whether this peer answers to ``host`` (from :func:`split_authority`); also the
         address the request's connection arrived at (``local_address``): a health check
         that connects to an address of a peer bound to every interface names it."""
-        if host in self.names or _is_loopback(host) or self.operator_allows(host):
+        if host in self.names or is_loopback(host) or self.operator_allows(host):
             return True
         return local_address is not None and _same_address(host, local_address)
 
