@@ -101,25 +101,13 @@ def test_a_file_nested_any_depth_is_loaded_or_rejected_by_name(depth: int, brack
 
 @pytest.mark.timeout(120)
 @PROPERTY
-@given(case=near(JOB))
-def test_a_job_with_one_field_changed_is_loaded_or_the_error_names_that_field(
-    case: tuple[str, dict[str, Any]],
+@given(data=st.data())
+@pytest.mark.parametrize(("model", "valid"), [(JobSpec, JOB), (NodeSpec, NODE)])
+def test_a_spec_with_one_field_changed_is_loaded_or_the_error_names_that_field(
+    model: type[JobSpec] | type[NodeSpec], valid: dict[str, Any], data: st.DataObject
 ) -> None:
-    key, spec = case
-    errors = assert_named(*load(json.dumps(spec), JobSpec))
-    if errors:
-        fields = [e.field for e in errors]
-        assert any(f == key or f.startswith(f"{key}.") for f in fields), (key, errors)
-
-
-@pytest.mark.timeout(120)
-@PROPERTY
-@given(case=near(NODE))
-def test_a_node_with_one_field_changed_is_loaded_or_the_error_names_that_field(
-    case: tuple[str, dict[str, Any]],
-) -> None:
-    key, spec = case
-    errors = assert_named(*load(json.dumps(spec), NodeSpec))
+    key, spec = data.draw(near(valid))
+    errors = assert_named(*load(json.dumps(spec), model))
     if errors:
         fields = [e.field for e in errors]
         assert any(f == key or f.startswith(f"{key}.") for f in fields), (key, errors)
